@@ -1,0 +1,103 @@
+"""The cloud tier as seen from the gateway: seals a batch, calls the cloud server under the time left, opens the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Sequence
+
+import grpc
+
+from gateway.tiers import Prediction
+from proto.tiergate import cloud_pb2, cloud_pb2_grpc
+from tiergate.envelope import Sealer
+from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError
+
+# Retries are the channel's job, declared here rather than hand-rolled. Only UNAVAILABLE is
+# retried: the call then never reached the servicer, so no sealed request is processed twice.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "tiergate.cloud.v1.CloudInference"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.02s",
+                    "maxBackoff": "0.2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+# Below this much time left, escalating cannot succeed; answer from the edge instead.
+MIN_CALL_BUDGET_S = 0.005
+
+
+class CloudTier:
+    """Remote full-model tier reached over gRPC with application-layer sealed payloads."""
+
+    def __init__(
+        self,
+        target: str,
+        sealer: Sealer,
+        *,
+        model_name: str,
+        timeout_s: float,
+        max_message_bytes: int,
+        name: str = "cloud",
+    ) -> None:
+        self.name = name
+        self._sealer = sealer
+        self._model_name = model_name
+        self._timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.service_config", _SERVICE_CONFIG),
+                ("grpc.enable_retries", 1),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
+
+    def _timeout(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self._timeout_s
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining < MIN_CALL_BUDGET_S:
+            raise TierDeadlineError("no time left in the caller's deadline to reach the cloud tier")
+        return min(self._timeout_s, remaining)
+
+    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+        timeout = self._timeout(deadline)
+        request_id = uuid.uuid4().hex
+        envelope = self._sealer.seal(
+            cloud_pb2.CloudInferRequest(model_name=self._model_name, texts=list(texts)),
+            request_id=request_id,
+            direction="request",
+        )
+        try:
+            reply = await self._stub.Infer(envelope, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TierDeadlineError(f"cloud tier did not answer within {timeout:.3f}s") from None
+            raise TierUnavailableError(f"cloud tier failed with {error.code().name}") from None
+        try:
+            if reply.request_id != request_id:
+                raise SealError("cloud response carries another request id")
+            response = self._sealer.open(reply, cloud_pb2.CloudInferResponse, direction="response")
+        except SealError as error:
+            raise TierUnavailableError(f"cloud response rejected: {error}") from None
+        if len(response.predictions) != len(texts):
+            raise TierUnavailableError("cloud response has the wrong number of rows")
+        return [Prediction(p.label, p.confidence) for p in response.predictions]
+
+    def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        await self._channel.close()

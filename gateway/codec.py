@@ -1,0 +1,150 @@
+"""The one converter between Open Inference Protocol v2 messages and the gateway's text batches."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.cascade import CascadeResult
+from gateway.routing import Hint
+from proto.inference import grpc_service_pb2 as pb
+from tiergate.errors import InvalidInputError, RequestTooLargeError
+from tiergate.settings import LimitSettings
+
+INPUT_NAME = "text"
+OUTPUTS = {"label": "BYTES", "confidence": "FP32", "tier": "BYTES"}
+HINT_PARAMETER = "tier"
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """A decoded inference request: one text per row plus what the response must look like."""
+
+    texts: list[str]
+    request_id: str = ""
+    hint: Hint = Hint.AUTO
+    # Mirror the caller: raw_input_contents in, raw_output_contents out.
+    raw_output: bool = False
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+
+
+def _split_raw_bytes(raw: bytes) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInputError(f"raw contents of input {INPUT_NAME!r} end inside a 4-byte length prefix")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInputError(f"raw contents of input {INPUT_NAME!r}: element {len(items)} overruns the buffer")
+        items.append(raw[offset : offset + length])
+        offset += length
+    return items
+
+
+def _rows(shape: Sequence[int]) -> int:
+    dims = list(shape)
+    if len(dims) == 1 or (len(dims) == 2 and dims[1] == 1):
+        if dims[0] < 0:
+            raise InvalidInputError(f"input {INPUT_NAME!r} has a negative dimension in shape {dims}")
+        return dims[0]
+    raise InvalidInputError(f"input {INPUT_NAME!r} must have shape [N] or [N, 1], got {dims}")
+
+
+def _hint(request: pb.ModelInferRequest) -> Hint:
+    if HINT_PARAMETER not in request.parameters:
+        return Hint.AUTO
+    value = request.parameters[HINT_PARAMETER].string_param
+    try:
+        return Hint(value)
+    except ValueError:
+        allowed = ", ".join(h.value for h in Hint)
+        raise InvalidInputError(f"parameter {HINT_PARAMETER!r} must be a string, one of {allowed}; got {value!r}") from None
+
+
+def decode_request(request: pb.ModelInferRequest, limits: LimitSettings) -> TextBatch:
+    """Validate an OIP request for the text model and decode its rows (model name is checked by the caller)."""
+    names = [tensor.name for tensor in request.inputs]
+    if INPUT_NAME not in names:
+        raise InvalidInputError(f"missing input {INPUT_NAME!r} (BYTES, shape [N]); got {names or 'no inputs'}")
+    if len(names) != 1:
+        extra = [name for name in names if name != INPUT_NAME] or names[1:]
+        raise InvalidInputError(f"unexpected inputs {extra}; this model takes only {INPUT_NAME!r}")
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise InvalidInputError(f"input {INPUT_NAME!r} must have datatype BYTES, got {tensor.datatype or 'none'!r}")
+    rows = _rows(tensor.shape)
+    if rows == 0:
+        raise InvalidInputError(f"input {INPUT_NAME!r} is an empty batch; send at least one row")
+    if rows > limits.max_batch_rows:
+        raise RequestTooLargeError(f"batch of {rows} rows exceeds the limit of {limits.max_batch_rows}; split it")
+
+    raw = bool(request.raw_input_contents)
+    if raw and tensor.HasField("contents"):
+        raise InvalidInputError("send input data in either contents or raw_input_contents, not both")
+    if raw:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInputError(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
+        items = _split_raw_bytes(request.raw_input_contents[0])
+    else:
+        items = list(tensor.contents.bytes_contents)
+    if len(items) != rows:
+        raise InvalidInputError(f"input {INPUT_NAME!r} has shape {list(tensor.shape)} but carries {len(items)} elements")
+
+    texts = []
+    for row, item in enumerate(items):
+        if len(item) > limits.max_text_bytes:
+            raise InvalidInputError(f"row {row} is {len(item)} bytes; the limit is {limits.max_text_bytes} bytes per row")
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"row {row} of input {INPUT_NAME!r} is not valid UTF-8") from None
+        if not text.strip():
+            raise InvalidInputError(f"row {row} of input {INPUT_NAME!r} is empty")
+        texts.append(text)
+
+    outputs = [out.name for out in request.outputs] or list(OUTPUTS)
+    unknown = [name for name in outputs if name not in OUTPUTS]
+    if unknown:
+        raise InvalidInputError(f"unknown requested outputs {unknown}; this model has {list(OUTPUTS)}")
+    return TextBatch(texts=texts, request_id=request.id, hint=_hint(request), raw_output=raw, outputs=outputs)
+
+
+def _bytes_raw(values: Sequence[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(v)) + v for v in values)
+
+
+def encode_response(
+    batch: TextBatch, result: CascadeResult, *, model_name: str, model_version: str
+) -> pb.ModelInferResponse:
+    """Build the OIP response: outputs label/confidence/tier plus routing parameters."""
+    n = len(result.rows)
+    columns: dict[str, list] = {
+        "label": [row.label.encode("utf-8") for row in result.rows],
+        "confidence": [row.confidence for row in result.rows],
+        "tier": [row.tier.encode("utf-8") for row in result.rows],
+    }
+    response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=batch.request_id)
+    for name in batch.outputs:
+        datatype = OUTPUTS[name]
+        out = response.outputs.add(name=name, datatype=datatype, shape=[n])
+        values = columns[name]
+        if batch.raw_output:
+            raw = _bytes_raw(values) if datatype == "BYTES" else np.asarray(values, dtype="<f4").tobytes()
+            response.raw_output_contents.append(raw)
+        elif datatype == "BYTES":
+            out.contents.bytes_contents.extend(values)
+        else:
+            out.contents.fp32_contents.extend(values)
+    reasons = ["+".join(reason.value for reason in row.reasons) for row in result.rows]
+    response.parameters["escalation_reasons"].string_param = json.dumps(reasons)
+    tiers = [row.tier for row in result.rows]
+    for tier in dict.fromkeys(tiers):
+        response.parameters[f"{tier}_rows"].int64_param = tiers.count(tier)
+    response.parameters["degraded"].bool_param = result.degraded
+    return response

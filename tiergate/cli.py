@@ -1,0 +1,185 @@
+"""The `tiergate` command line: build, calibrate and evaluate models; serve the gateway and cloud tiers; run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tiergate.settings import DEFAULT_KEYRING, DEFAULT_MODELS_DIR, Settings, load_settings
+
+logger = logging.getLogger("tiergate")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _write_port(port_file: Path | None, port: int) -> None:
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port), encoding="utf-8")
+        tmp.replace(port_file)  # atomic: a reader never sees a half-written port
+
+
+async def _serve_gateway(args: argparse.Namespace) -> None:
+    from gateway.server import GatewayServer
+    from tiergate.envelope import Keyring
+
+    settings = _settings(args).gateway
+    if args.port is not None:
+        settings.port = args.port
+    if args.host is not None:
+        settings.host = args.host
+    if args.cloud is not None:
+        settings.cloud_target = args.cloud
+    if args.models is not None:
+        settings.models_dir = args.models
+    if args.keyring is not None:
+        settings.keyring_path = args.keyring
+    if args.edge_only:
+        settings.chain = ["edge"]
+    keyring = Keyring.load_or_create(settings.keyring_path) if "cloud" in settings.chain else None
+    server = GatewayServer(settings, keyring)
+    port = await server.start()
+    _write_port(args.port_file, port)
+    await server.serve_forever()
+
+
+async def _serve_cloud(args: argparse.Namespace) -> None:
+    from cloud_runtime.server import CloudServer
+    from tiergate.envelope import Keyring
+
+    settings = _settings(args).cloud
+    if args.port is not None:
+        settings.port = args.port
+    if args.host is not None:
+        settings.host = args.host
+    if args.models is not None:
+        settings.models_dir = args.models
+    if args.keyring is not None:
+        settings.keyring_path = args.keyring
+    server = CloudServer(settings, Keyring.load_or_create(settings.keyring_path))
+    port = await server.start()
+    _write_port(args.port_file, port)
+    await server.serve_forever()
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    from tiergate.training.build import build_models
+
+    manifest = build_models(args.out, data_dir=args.data, task=args.task, seed=args.seed)
+    print(f"built model set {manifest.version} in {args.out}")
+    print(f"threshold {manifest.routing.threshold:.4f} on signal {manifest.routing.signal}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from tiergate.training.calibrate import calibrate
+
+    if (args.target_escalation is None) == (args.target_quality is None):
+        print("give exactly one of --target-escalation or --target-quality", file=sys.stderr)
+        return 2
+    routing = calibrate(
+        args.models, args.data, target_escalation=args.target_escalation, target_quality=args.target_quality
+    )
+    print(f"threshold {routing.threshold:.4f} on signal {routing.signal}: {routing.calibration}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tiergate.training.evaluate import evaluate
+
+    report = evaluate(args.models, args.data, args.out, bigbasket_dir=args.bigbasket)
+    print(f"wrote {args.out}/report.md, report.json, report.png")
+    summary = report.get("summary") if isinstance(report, dict) else None
+    if summary:
+        print(summary)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tiergate.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        models_dir=args.models,
+        data_dir=args.data,
+        keyring_path=args.keyring,
+        requests=args.requests,
+        concurrency=args.concurrency,
+    )
+    return run_demo(options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiergate", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("TIERGATE_LOG_LEVEL", "info"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="build model sets").add_subparsers(dest="action", required=True)
+    build = models.add_parser("build", help="train, export, quantize and calibrate the edge and cloud models")
+    build.add_argument("--data", type=Path, default=None, help="instacart-products directory (default: generated demo data)")
+    build.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR, help="model directory to write")
+    build.add_argument("--task", choices=["aisle", "department"], default="aisle")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=_models_build)
+
+    cal = commands.add_parser("calibrate", help="pick the escalation threshold on validation data")
+    cal.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    cal.add_argument("--data", type=Path, default=None, help="the data the models were built from")
+    cal.add_argument("--target-escalation", type=float, default=None, help="share of rows to escalate, e.g. 0.15")
+    cal.add_argument("--target-quality", type=float, default=None, help="cascade accuracy relative to cloud, e.g. 0.99")
+    cal.set_defaults(handler=_calibrate)
+
+    ev = commands.add_parser("eval", help="write the evaluation report (JSON, Markdown, PNG)")
+    ev.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    ev.add_argument("--data", type=Path, default=None)
+    ev.add_argument("--bigbasket", type=Path, default=None, help="bigbasket-products directory for the shift check")
+    ev.add_argument("--out", type=Path, default=Path("reports"))
+    ev.set_defaults(handler=_eval)
+
+    serve = commands.add_parser("serve", help="run a server").add_subparsers(dest="server", required=True)
+    for name, runner, port_help in (
+        ("gateway", _serve_gateway, "OIP port (default from settings: 8001; 0 picks a free port)"),
+        ("cloud", _serve_cloud, "cloud tier port (default from settings: 8101; 0 picks a free port)"),
+    ):
+        sub = serve.add_parser(name, help=f"serve the {name}")
+        sub.add_argument("--config", type=Path, default=None, help="TOML settings file (TIERGATE_* env overrides it)")
+        sub.add_argument("--host", default=None)
+        sub.add_argument("--port", type=int, default=None, help=port_help)
+        sub.add_argument("--models", type=Path, default=None, help=f"model directory (default {DEFAULT_MODELS_DIR})")
+        sub.add_argument("--keyring", type=Path, default=None, help=f"sealing keyring (default {DEFAULT_KEYRING})")
+        sub.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+        if name == "gateway":
+            sub.add_argument("--cloud", default=None, help="cloud tier HOST:PORT")
+            sub.add_argument("--edge-only", action="store_true", help="serve with the edge tier alone")
+        sub.set_defaults(handler=lambda a, r=runner: asyncio.run(r(a)) or 0)
+
+    demo = commands.add_parser("demo", help="build models if missing, start cloud + gateway, send traffic, summarise")
+    demo.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    demo.add_argument("--data", type=Path, default=None, help="instacart-products directory (default: demo data)")
+    demo.add_argument("--keyring", type=Path, default=DEFAULT_KEYRING)
+    demo.add_argument("--requests", type=int, default=3000)
+    demo.add_argument("--concurrency", type=int, default=8)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

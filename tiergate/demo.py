@@ -1,0 +1,229 @@
+"""`make run`: build models if missing, start cloud and gateway on loopback, replay held-out traffic, print a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.inference import grpc_service_pb2 as pb
+from proto.inference import grpc_service_pb2_grpc as pb_grpc
+from tiergate.envelope import Keyring
+from tiergate.manifest import MANIFEST_NAME, load_manifest
+
+MODEL_NAME = "product-category"
+
+
+class ServerProcess:
+    """A `tiergate serve ...` child process bound to a free loopback port."""
+
+    def __init__(self, args: Sequence[str], *, startup_timeout_s: float = 120.0, log_path: Path | None = None) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="tiergate-")
+        port_file = Path(self._workdir.name) / "port"
+        self.log_path = log_path or Path(self._workdir.name) / "server.log"
+        self._log = self.log_path.open("wb")
+        command = [sys.executable, "-m", "tiergate.cli", "serve", *args, "--port", "0", "--port-file", str(port_file)]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + startup_timeout_s
+        while not port_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{' '.join(args[:1])} server exited early:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{' '.join(args[:1])} server did not start within {startup_timeout_s}s")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text(encoding="utf-8"))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM (drain, then stop), escalating to SIGKILL after `timeout_s`; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        self._workdir.cleanup()
+        return self.process.returncode
+
+
+def wait_serving(target: str, timeout_s: float = 30.0) -> None:
+    """Block until the server at `target` reports SERVING on grpc.health.v1."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} is not SERVING after {timeout_s}s")
+            time.sleep(0.1)
+
+
+@dataclass
+class DemoOptions:
+    models_dir: Path
+    data_dir: Path | None
+    keyring_path: Path
+    requests: int = 3000
+    concurrency: int = 8
+
+
+@dataclass
+class Outcome:
+    tier: str
+    reasons: str
+    latency_ms: float
+    correct: bool
+
+
+@dataclass
+class TrafficReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    wall_s: float = 0.0
+
+
+def ensure_models(models_dir: Path, data_dir: Path | None) -> None:
+    """Build the default model set when the directory has none (or one built from other data)."""
+    manifest_path = models_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        source = json.loads(manifest_path.read_text(encoding="utf-8")).get("data", {}).get("source", "")
+        wanted = "demo" if data_dir is None else data_dir.name
+        if (data_dir is None) == source.startswith("demo") and (data_dir is None or wanted in source):
+            print(f"models: using {models_dir} (built from {source})")
+            return
+        print(f"models: {models_dir} was built from {source!r}, not {wanted!r}; rebuilding")
+    from tiergate.training.build import build_models
+
+    print(f"models: building into {models_dir} from {'demo data' if data_dir is None else data_dir.name} ...")
+    started = time.perf_counter()
+    build_models(models_dir, data_dir=data_dir)
+    print(f"models: built in {time.perf_counter() - started:.0f}s")
+
+
+def _request(text: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=MODEL_NAME)
+    tensor = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(text.encode("utf-8"))
+    return request
+
+
+async def send_traffic(target: str, examples: Sequence[tuple[str, str]], concurrency: int) -> TrafficReport:
+    """Send one single-row request per example with `concurrency` callers; bounded by the example count."""
+    report = TrafficReport()
+    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    for example in examples:
+        queue.put_nowait(example)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def caller() -> None:
+            while not queue.empty():
+                text, label = queue.get_nowait()
+                started = time.perf_counter()
+                try:
+                    reply = await stub.ModelInfer(_request(text), timeout=10.0)
+                except grpc.aio.AioRpcError as error:
+                    report.errors[error.code().name] += 1
+                    continue
+                latency_ms = (time.perf_counter() - started) * 1000.0
+                outputs = {out.name: out for out in reply.outputs}
+                predicted = outputs["label"].contents.bytes_contents[0].decode()
+                tier = outputs["tier"].contents.bytes_contents[0].decode()
+                reasons = json.loads(reply.parameters["escalation_reasons"].string_param)[0]
+                report.outcomes.append(Outcome(tier, reasons, latency_ms, predicted == label))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        report.wall_s = time.perf_counter() - started
+    return report
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def format_summary(report: TrafficReport) -> str:
+    outcomes = report.outcomes
+    total = len(outcomes) + sum(report.errors.values())
+    lines = [
+        "=== Tiergate demo summary ===",
+        f"requests sent       {total} ({len(outcomes)} answered, errors: {dict(report.errors) or 'none'})",
+        f"throughput          {len(outcomes) / report.wall_s:.0f} req/s over {report.wall_s:.1f}s",
+    ]
+    if not outcomes:
+        return "\n".join(lines)
+    by_tier: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_tier.setdefault(outcome.tier, []).append(outcome)
+    edge_share = len(by_tier.get("edge", [])) / len(outcomes)
+    lines.append(f"answered at edge    {edge_share:.1%}")
+    reasons = Counter(reason for o in outcomes if o.reasons for reason in o.reasons.split("+"))
+    lines.append("escalations         " + (", ".join(f"{r}={n}" for r, n in reasons.most_common()) or "none"))
+    lines.append(f"{'tier':<8}{'rows':>7}{'p50 ms':>9}{'p99 ms':>9}{'accuracy':>10}")
+    for tier, group in sorted(by_tier.items()):
+        latencies = [o.latency_ms for o in group]
+        accuracy = sum(o.correct for o in group) / len(group)
+        lines.append(
+            f"{tier:<8}{len(group):>7}{_percentile(latencies, 0.5):>9.2f}{_percentile(latencies, 0.99):>9.2f}{accuracy:>10.3f}"
+        )
+    overall = sum(o.correct for o in outcomes) / len(outcomes)
+    all_latency = [o.latency_ms for o in outcomes]
+    lines.append(
+        f"{'all':<8}{len(outcomes):>7}{_percentile(all_latency, 0.5):>9.2f}{_percentile(all_latency, 0.99):>9.2f}{overall:>10.3f}"
+    )
+    return "\n".join(lines)
+
+
+def run_demo(options: DemoOptions) -> int:
+    from tiergate.training.build import heldout_examples
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ensure_models(options.models_dir, options.data_dir)
+    manifest = load_manifest(options.models_dir)
+    Keyring.load_or_create(options.keyring_path)
+    examples = heldout_examples(options.models_dir, options.data_dir, limit=options.requests)
+    print(f"traffic: {len(examples)} held-out rows from {manifest.data.get('source')}, task {manifest.task}")
+    common = ["--models", str(options.models_dir), "--keyring", str(options.keyring_path)]
+    cloud = ServerProcess(["cloud", *common])
+    try:
+        gateway = ServerProcess(["gateway", *common, "--cloud", cloud.target])
+        try:
+            wait_serving(cloud.target)
+            wait_serving(gateway.target)
+            print(f"servers: cloud on {cloud.target}, gateway on {gateway.target}")
+            report = asyncio.run(send_traffic(gateway.target, examples, options.concurrency))
+        finally:
+            gateway_rc = gateway.stop()
+    finally:
+        cloud_rc = cloud.stop()
+    print(format_summary(report))
+    print(f"servers stopped (gateway exit {gateway_rc}, cloud exit {cloud_rc})")
+    return 0 if report.outcomes and not report.errors else 1

@@ -1,0 +1,141 @@
+"""Application-layer sealing of what crosses the edge/cloud boundary (AES-256-GCM envelopes)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf.message import DecodeError, Message
+
+from proto.tiergate import cloud_pb2
+from tiergate.errors import SealError
+
+ENVELOPE_VERSION = 1
+KEY_BYTES = 32
+NONCE_BYTES = 12
+
+Direction = Literal["request", "response"]
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Named AES-256 keys shared by gateway and cloud; `active_key_id` seals, any key opens."""
+
+    keys: dict[str, bytes]
+    active_key_id: str
+
+    def __post_init__(self) -> None:
+        if self.active_key_id not in self.keys:
+            raise ValueError(f"active key id {self.active_key_id!r} is not in the keyring")
+        for key_id, key in self.keys.items():
+            if len(key) != KEY_BYTES:
+                raise ValueError(f"key {key_id!r} must be {KEY_BYTES} bytes, got {len(key)}")
+
+    @classmethod
+    def generate(cls, key_id: str | None = None) -> Keyring:
+        key_id = key_id or f"k-{secrets.token_hex(4)}"
+        return cls(keys={key_id: AESGCM.generate_key(bit_length=256)}, active_key_id=key_id)
+
+    @classmethod
+    def from_json(cls, text: str) -> Keyring:
+        doc = json.loads(text)
+        keys = {kid: base64.b64decode(value) for kid, value in doc["keys"].items()}
+        return cls(keys=keys, active_key_id=doc["active"])
+
+    def to_json(self) -> str:
+        keys = {kid: base64.b64encode(key).decode("ascii") for kid, key in self.keys.items()}
+        return json.dumps({"active": self.active_key_id, "keys": keys}, indent=2)
+
+    @classmethod
+    def load(cls, path: Path) -> Keyring:
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot read keyring {path}: {error}") from error
+
+    def save(self, path: Path) -> None:
+        """Write the keyring readable by its owner only."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json())
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Keyring:
+        """Load the keyring at `path`, creating a fresh one first if there is none."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process created it first; read theirs
+            else:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(cls.generate().to_json())
+        return cls.load(path)
+
+
+def _associated_data(envelope: cloud_pb2.Envelope, direction: Direction) -> bytes:
+    # Binding the clear header fields means a changed key id, request id,
+    # timestamp or direction makes the tag check fail.
+    return b"|".join(
+        [
+            b"tiergate.cloud.v1",
+            direction.encode(),
+            str(envelope.version).encode(),
+            envelope.key_id.encode(),
+            envelope.request_id.encode(),
+            str(envelope.issued_at_unix_ms).encode(),
+        ]
+    )
+
+
+class Sealer:
+    """Seals protobuf messages into envelopes and opens them again."""
+
+    def __init__(self, keyring: Keyring, clock: Callable[[], float] = time.time) -> None:
+        self._keyring = keyring
+        self._ciphers = {kid: AESGCM(key) for kid, key in keyring.keys.items()}
+        self._clock = clock
+
+    def seal(self, message: Message, *, request_id: str, direction: Direction) -> cloud_pb2.Envelope:
+        envelope = cloud_pb2.Envelope(
+            version=ENVELOPE_VERSION,
+            key_id=self._keyring.active_key_id,
+            nonce=os.urandom(NONCE_BYTES),
+            request_id=request_id,
+            issued_at_unix_ms=int(self._clock() * 1000),
+        )
+        cipher = self._ciphers[envelope.key_id]
+        envelope.ciphertext = cipher.encrypt(
+            envelope.nonce, message.SerializeToString(), _associated_data(envelope, direction)
+        )
+        return envelope
+
+    def open(self, envelope: cloud_pb2.Envelope, message_type: type[M], *, direction: Direction) -> M:
+        if envelope.version != ENVELOPE_VERSION:
+            raise SealError(f"unsupported envelope version {envelope.version}; expected {ENVELOPE_VERSION}")
+        cipher = self._ciphers.get(envelope.key_id)
+        if cipher is None:
+            raise SealError(f"envelope sealed with unknown key id {envelope.key_id!r}")
+        if len(envelope.nonce) != NONCE_BYTES:
+            raise SealError("envelope nonce has the wrong length")
+        try:
+            plaintext = cipher.decrypt(envelope.nonce, envelope.ciphertext, _associated_data(envelope, direction))
+        except InvalidTag:
+            raise SealError("envelope failed authentication (tampered, or sealed with another key)") from None
+        message = message_type()
+        try:
+            message.ParseFromString(plaintext)
+        except DecodeError:
+            raise SealError("envelope plaintext is not a valid message") from None
+        return message

@@ -1,0 +1,43 @@
+"""The one exception hierarchy of Tiergate; `tiergate.rpc` maps it to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class TiergateError(Exception):
+    """Base of every error Tiergate raises on purpose.
+
+    The message is shown to the caller, so it must say what to change and must
+    never carry payloads, keys or internal paths.
+    """
+
+
+class InvalidInputError(TiergateError):
+    """The request is malformed: wrong inputs, datatype, shape or encoding."""
+
+
+class ModelNotFoundError(TiergateError):
+    """The request names a model or version this server does not serve."""
+
+
+class RequestTooLargeError(TiergateError):
+    """The request exceeds a configured size limit."""
+
+
+class OverloadedError(TiergateError):
+    """The server is saturated; the caller should back off and retry."""
+
+
+class NotReadyError(TiergateError):
+    """A model or server is not ready yet, or is draining."""
+
+
+class TierUnavailableError(TiergateError):
+    """A downstream tier could not be reached or failed."""
+
+
+class TierDeadlineError(TiergateError):
+    """A downstream tier did not answer within the time left."""
+
+
+class SealError(TiergateError):
+    """An envelope could not be opened: unknown key, tampering or bad format."""

@@ -1,0 +1,132 @@
+"""gRPC plumbing shared by the gateway and cloud servers: status table, error interceptor, health, reflection, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tiergate import errors
+
+logger = logging.getLogger(__name__)
+
+# The one status table. Looked up along the exception's MRO, so subclasses inherit their parent's code.
+STATUS_TABLE: dict[type[errors.TiergateError], grpc.StatusCode] = {
+    errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.RequestTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.NotReadyError: grpc.StatusCode.UNAVAILABLE,
+    errors.TierUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.TierDeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.SealError: grpc.StatusCode.UNAUTHENTICATED,
+}
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and caller-facing message for an exception."""
+    for cls in type(error).__mro__:
+        code = STATUS_TABLE.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions raised by unary handlers into statuses from STATUS_TABLE."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - this is the one place errors become statuses
+                code, message = status_for(error)
+                if code is grpc.StatusCode.INTERNAL:
+                    logger.exception("unexpected error in %s", method)
+                else:
+                    logger.debug("%s -> %s: %s", method, code.name, message)
+                await context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class ManagedServer:
+    """An aio server with health and reflection registered and an explicit drain-then-stop lifecycle."""
+
+    def __init__(
+        self,
+        register: Callable[[grpc.aio.Server], Iterable[str]],
+        *,
+        max_message_bytes: int,
+        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(), *interceptors], options=server_options(max_message_bytes)
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._services = list(register(self.server))
+        names = [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind, start and mark every service SERVING; returns the bound port."""
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        await self.server.start()
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def _set_all(self, status: int) -> None:
+        await self.health.set("", status)
+        for name in self._services:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Health goes NOT_SERVING so balancers stop sending, then drain in-flight calls and stop."""
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace_s)
+
+    async def wait_for_signal(self) -> None:
+        """Return once SIGTERM or SIGINT arrives; the caller then drains and stops."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logger.info("signal received: draining")

@@ -1,0 +1,138 @@
+"""One typed settings object for gateway and cloud: defaults, then a TOML file, then TIERGATE_* env overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "TIERGATE_"
+DEFAULT_MODELS_DIR = Path("artifacts/models/default")
+DEFAULT_KEYRING = Path("artifacts/keys/seal-keys.json")
+
+
+@dataclass
+class RoutingSettings:
+    """Escalation rules. `None` takes the value calibrated into the model manifest."""
+
+    signal: str | None = None
+    threshold: float | None = None
+    # Heavy-request rules: rows longer than this many tokens, or batches larger
+    # than this many rows, go straight to the last tier.
+    max_edge_tokens: int = 24
+    max_edge_batch: int = 256
+    # Honour the request parameter `tier` ("auto", "edge", "cloud").
+    allow_client_hint: bool = True
+
+
+@dataclass
+class LimitSettings:
+    """Input limits; a request over them is refused with a message, not truncated."""
+
+    max_batch_rows: int = 1024
+    max_text_bytes: int = 2048
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    model_name: str = "product-category"
+    models_dir: Path = DEFAULT_MODELS_DIR
+    # Tier names in escalation order; the last one answers heavy requests.
+    chain: list[str] = field(default_factory=lambda: ["edge", "cloud"])
+    edge_backend: str = "onnxruntime"
+    cloud_target: str = "127.0.0.1:8101"
+    cloud_timeout_s: float = 2.0
+    keyring_path: Path = DEFAULT_KEYRING
+    grace_s: float = 5.0
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+
+
+@dataclass
+class CloudSettings:
+    host: str = "127.0.0.1"
+    port: int = 8101
+    models_dir: Path = DEFAULT_MODELS_DIR
+    keyring_path: Path = DEFAULT_KEYRING
+    grace_s: float = 5.0
+    intra_op_threads: int = 1
+    limits: LimitSettings = field(default_factory=LimitSettings)
+
+
+@dataclass
+class Settings:
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    cloud: CloudSettings = field(default_factory=CloudSettings)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        return _coerce(value, options[0], where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected a boolean, got {value!r}")
+    if origin is list:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [str(item).strip() for item in items if str(item).strip()]
+    try:
+        return annotation(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: cannot read {value!r} as {annotation.__name__}") from error
+
+
+def _apply(target: Any, values: Mapping[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(target))
+    names = {f.name for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}.{key}: expected a table")
+            _apply(current, value, f"{where}.{key}")
+        else:
+            setattr(target, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def _env_tree(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from defaults, an optional TOML file, then `TIERGATE_SECTION__KEY` variables.
+
+    Example: `TIERGATE_GATEWAY__ROUTING__THRESHOLD=0.4` sets gateway.routing.threshold.
+    """
+    settings = Settings()
+    if path is not None:
+        with path.open("rb") as handle:
+            _apply(settings, tomllib.load(handle), "settings")
+    _apply(settings, _env_tree(os.environ if env is None else env), "env")
+    return settings
