@@ -1,0 +1,144 @@
+"""The cloud tier model: a fine-tuned transformer classifier served as FP32 ONNX (no torch needed)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from tiergate.manifest import Manifest, load_manifest
+from tiergate.scoring import Scored, score
+
+logger = logging.getLogger(__name__)
+
+
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    """The padding id a tokenizer.json declares, else the id of ``[PAD]``, else 0."""
+    padding = tokenizer.padding
+    if padding is not None:
+        return int(padding.get("pad_id", 0))
+    pad = tokenizer.token_to_id("[PAD]")
+    return 0 if pad is None else int(pad)
+
+
+def prepare_tokenizer(tokenizer: Tokenizer, max_length: int) -> int:
+    """Turn off built-in padding, truncate at ``max_length``; return the pad id for ``encode_batch``."""
+    pad_id = pad_id_of(tokenizer)
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return pad_id
+
+
+def encode_batch(tokenizer: Tokenizer, texts: Sequence[str], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 input_ids and attention_mask [n, longest in batch]; training and serving share this."""
+    encodings = tokenizer.encode_batch(list(texts))
+    longest = max(1, max((len(e.ids) for e in encodings), default=1))
+    input_ids = np.full((len(encodings), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encodings), longest), dtype=np.int64)
+    for row, encoding in enumerate(encodings):
+        size = len(encoding.ids)
+        input_ids[row, :size] = encoding.ids
+        mask[row, :size] = 1
+    return input_ids, mask
+
+
+class CloudModel:
+    """Tokenizes with ``tokenizers`` and runs the ONNX classifier (input_ids, attention_mask -> logits)."""
+
+    def __init__(
+        self,
+        labels: list[str],
+        signal: str,
+        temperature: float,
+        tokenizer: Tokenizer,
+        session: ort.InferenceSession,
+        max_length: int,
+    ) -> None:
+        self.labels = labels
+        self.signal = signal
+        self.temperature = temperature
+        self.max_length = max_length
+        self._tokenizer = tokenizer
+        self._session: ort.InferenceSession | None = session
+        self._pad_id = prepare_tokenizer(tokenizer, max_length)
+
+    @classmethod
+    def from_files(
+        cls,
+        onnx_path: Path,
+        tokenizer_path: Path,
+        labels: list[str],
+        max_length: int,
+        signal: str = "max_prob",
+        temperature: float = 1.0,
+        intra_op_threads: int = 1,
+    ) -> CloudModel:
+        """Load from explicit files (the build uses this before a manifest exists)."""
+        for path in (Path(onnx_path), Path(tokenizer_path)):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"cloud model file {path} does not exist; build the models with `tiergate models build`"
+                )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(intra_op_threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        if names != {"input_ids", "attention_mask"}:
+            raise ValueError(
+                f"cloud ONNX model {Path(onnx_path).name} must take input_ids and attention_mask, has {sorted(names)}"
+            )
+        logger.info("cloud model loaded %s (%d intra-op threads)", Path(onnx_path).name, intra_op_threads)
+        return cls(
+            labels=list(labels),
+            signal=signal,
+            temperature=temperature,
+            tokenizer=Tokenizer.from_file(str(tokenizer_path)),
+            session=session,
+            max_length=max_length,
+        )
+
+    @classmethod
+    def load(cls, model_dir: Path, manifest: Manifest | None = None, intra_op_threads: int = 1) -> CloudModel:
+        """Load the cloud model of ``model_dir`` (checksums verified when the manifest is read here)."""
+        if manifest is None:
+            manifest = load_manifest(model_dir)
+        spec = manifest.cloud
+        return cls.from_files(
+            Path(model_dir) / spec.onnx.path,
+            Path(model_dir) / spec.tokenizer.path,
+            labels=list(manifest.labels),
+            max_length=spec.max_length,
+            signal=manifest.routing.signal,
+            temperature=spec.temperature,
+            intra_op_threads=intra_op_threads,
+        )
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """int64 input_ids and attention_mask [n, longest in batch], truncated at max_length."""
+        return encode_batch(self._tokenizer, texts, self._pad_id)
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 logits [n, K]."""
+        if self._session is None:
+            raise RuntimeError("CloudModel is closed")
+        if isinstance(texts, str):
+            raise TypeError("logits expects a sequence of strings, not a single string")
+        if len(texts) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        input_ids, mask = self.encode(texts)
+        (logits,) = self._session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
+        return np.asarray(logits, dtype=np.float32)
+
+    def predict(self, texts: Sequence[str]) -> Scored:
+        """Labels and confidence under the manifest's temperature and routing signal."""
+        return score(self.logits(texts), self.temperature, self.signal)
+
+    def close(self) -> None:
+        """Drop the ONNX session; later calls fail."""
+        self._session = None

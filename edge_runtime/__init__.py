@@ -1,0 +1,1 @@
+"""Edge tier runtime: text featurization and small INT8 model backends."""

@@ -1,0 +1,129 @@
+"""Hashed word and character n-gram ids: the edge model's text preprocessing."""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+# Distinct crc32 seeds keep word and character n-grams in separate hash spaces
+# without building prefixed strings per feature.
+_WORD_SEED = 0x5EED0001
+_CHAR_SEED = 0x5EED0002
+
+
+class HashedNgramFeaturizer:
+    """Maps text to a fixed-width row of hashed word and character n-gram ids (0 is padding).
+
+    Hashing uses ``zlib.crc32`` so ids are identical across processes and machines,
+    unlike Python's salted ``hash()``.
+    """
+
+    def __init__(
+        self,
+        n_buckets: int = 2**18,
+        max_features: int = 96,
+        word_ngrams: tuple[int, int] = (1, 2),
+        char_ngrams: tuple[int, int] = (3, 5),
+    ) -> None:
+        if n_buckets < 2:
+            raise ValueError("n_buckets must be at least 2")
+        if max_features < 1:
+            raise ValueError("max_features must be positive")
+        self.n_buckets = int(n_buckets)
+        self.max_features = int(max_features)
+        self.word_ngrams = (int(word_ngrams[0]), int(word_ngrams[1]))
+        self.char_ngrams = (int(char_ngrams[0]), int(char_ngrams[1]))
+        self._modulus = self.n_buckets - 1
+        # Product names reuse a small vocabulary, so per-word character n-gram ids are
+        # memoised; the cache is bounded and simply reset when it fills.
+        self._word_cache: dict[str, list[int]] = {}
+        self._cache_limit = 200_000
+
+    def config(self) -> dict[str, Any]:
+        """A JSON-serialisable description that ``from_config`` turns back into this featurizer."""
+        return {
+            "kind": "hashed_ngram",
+            "hash": "crc32",
+            "n_buckets": self.n_buckets,
+            "max_features": self.max_features,
+            "word_ngrams": list(self.word_ngrams),
+            "char_ngrams": list(self.char_ngrams),
+        }
+
+    @classmethod
+    def from_config(cls, d: dict[str, Any]) -> HashedNgramFeaturizer:
+        """Rebuild a featurizer from ``config()`` output (as stored in the manifest)."""
+        kind = d.get("kind", "hashed_ngram")
+        if kind != "hashed_ngram" or d.get("hash", "crc32") != "crc32":
+            raise ValueError(f"unsupported featurizer config: kind={kind!r} hash={d.get('hash')!r}")
+        return cls(
+            n_buckets=int(d["n_buckets"]),
+            max_features=int(d["max_features"]),
+            word_ngrams=tuple(d["word_ngrams"]),  # type: ignore[arg-type]
+            char_ngrams=tuple(d["char_ngrams"]),  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def normalise(text: str) -> str:
+        """NFKC plus lowercase: the only text normalisation the edge applies."""
+        return unicodedata.normalize("NFKC", text).lower()
+
+    def features(self, text: str) -> list[int]:
+        """Hashed ids (1..n_buckets-1) for one text: word n-grams first, then character n-grams."""
+        words = _TOKEN.findall(self.normalise(text))
+        crc32 = zlib.crc32
+        modulus = self._modulus
+        limit = self.max_features
+        out: list[int] = []
+        w_lo, w_hi = self.word_ngrams
+        encoded = [w.encode("utf-8") for w in words]
+        for n in range(w_lo, w_hi + 1):
+            for i in range(len(encoded) - n + 1):
+                gram = encoded[i] if n == 1 else b" ".join(encoded[i : i + n])
+                out.append(crc32(gram, _WORD_SEED) % modulus + 1)
+        if self.char_ngrams[1] > 0:
+            cache = self._word_cache
+            for word in words:
+                grams = cache.get(word)
+                if grams is None:
+                    grams = self._char_ids(word)
+                    if len(cache) >= self._cache_limit:
+                        cache.clear()
+                    cache[word] = grams
+                out.extend(grams)
+                if len(out) >= limit:
+                    break
+        return out[:limit]
+
+    def _char_ids(self, word: str) -> list[int]:
+        """Character n-gram ids of one word wrapped in boundary markers ``<word>``."""
+        crc32 = zlib.crc32
+        modulus = self._modulus
+        marked = b"<" + word.encode("utf-8") + b">"
+        size = len(marked)
+        c_lo, c_hi = self.char_ngrams
+        return [
+            crc32(marked[i : i + n], _CHAR_SEED) % modulus + 1
+            for n in range(c_lo, min(c_hi, size) + 1)
+            for i in range(size - n + 1)
+        ]
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 [n, max_features] ids, zero-padded on the right."""
+        if isinstance(texts, str):
+            raise TypeError("transform expects a sequence of strings, not a single string")
+        ids = np.zeros((len(texts), self.max_features), dtype=np.int32)
+        for row, text in enumerate(texts):
+            feats = self.features(text)
+            if feats:
+                ids[row, : len(feats)] = feats
+        return ids

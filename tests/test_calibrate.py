@@ -1,0 +1,107 @@
+"""Unit tests for temperature fitting, AUROC, signal choice and threshold calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiergate.scoring import softmax
+from tiergate.training.calibrate import (
+    ESCALATE_ALL,
+    auroc,
+    cascade_curve,
+    fit_temperature,
+    routing_from_predictions,
+    signal_aurocs,
+    threshold_for_escalation,
+    threshold_for_quality,
+)
+from tiergate.training.data import grouped_split, normalise_name
+
+
+def test_auroc_known_values() -> None:
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.5]), np.array([0, 1, 0, 1])) == 0.5
+    assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_fit_temperature_recovers_the_generating_temperature() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(scale=3.0, size=(4000, 5))
+    y = np.array([rng.choice(5, p=p) for p in softmax(true_logits, 1.0)])
+    # The model is overconfident by a factor 2.5: the fitted temperature should undo it.
+    assert fit_temperature(true_logits * 2.5, y) == pytest.approx(2.5, rel=0.1)
+
+
+def test_signal_aurocs_cover_all_signals() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(300, 4)) * 2
+    logits[:100] *= 0.2  # flat rows, where the labels are then scrambled
+    y = logits.argmax(1).copy()
+    y[:100] = (y[:100] + 1) % 4
+    aurocs = signal_aurocs(logits, 1.0, y)
+    assert set(aurocs) == {"max_prob", "margin", "entropy"} and all(0.5 < a <= 1.0 for a in aurocs.values())
+
+
+@pytest.mark.parametrize("target", [0.0, 0.05, 0.15, 0.5, 1.0])
+def test_threshold_for_escalation_hits_target(target: float) -> None:
+    conf = np.random.default_rng(2).random(1000).astype(np.float32)
+    threshold = threshold_for_escalation(conf, target)
+    assert abs(float((conf < threshold).mean()) - target) <= 0.002
+
+
+def test_threshold_for_escalation_handles_ties_and_extremes() -> None:
+    conf = np.array([0.2] * 50 + [0.9] * 50, dtype=np.float32)
+    assert (conf < threshold_for_escalation(conf, 0.4)).mean() == 0.5
+    assert threshold_for_escalation(np.ones(10, dtype=np.float32), 1.0) == ESCALATE_ALL
+    with pytest.raises(ValueError):
+        threshold_for_escalation(conf, 1.5)
+
+
+def test_threshold_for_quality_is_the_least_escalation_meeting_the_floor() -> None:
+    conf = np.linspace(0.0, 1.0, 100)
+    edge_right = conf > 0.3  # the edge is wrong exactly on the 30 least confident rows
+    cloud_right = np.ones(100, dtype=bool)
+    threshold = threshold_for_quality(conf, edge_right, cloud_right, 0.99)
+    escalated = conf < threshold
+    assert escalated.mean() == pytest.approx(0.29)
+    assert np.where(escalated, cloud_right, edge_right).mean() >= 0.99
+
+
+def test_unreachable_quality_escalates_everything() -> None:
+    conf = np.linspace(0, 1, 10)
+    cloud_right = np.arange(10) % 2 == 0
+    assert threshold_for_quality(conf, np.zeros(10, bool), cloud_right, 1.5) == ESCALATE_ALL
+
+
+def test_cascade_curve_ends_at_edge_and_cloud_accuracy() -> None:
+    rng = np.random.default_rng(3)
+    conf, edge_right, cloud_right = rng.random(200), rng.random(200) < 0.7, rng.random(200) < 0.9
+    curve = cascade_curve(conf, edge_right, cloud_right)
+    assert curve.escalation[0] == 0.0 and curve.escalation[-1] == 1.0
+    assert curve.accuracy[0] == pytest.approx(edge_right.mean())
+    assert curve.accuracy[-1] == pytest.approx(cloud_right.mean())
+
+
+def test_routing_needs_exactly_one_target() -> None:
+    conf = np.random.default_rng(4).random(50)
+    right = np.ones(50, dtype=bool)
+    with pytest.raises(ValueError, match="exactly one"):
+        routing_from_predictions("margin", conf, right, right)
+    with pytest.raises(ValueError, match="exactly one"):
+        routing_from_predictions("margin", conf, right, right, target_escalation=0.1, target_quality=0.99)
+    spec = routing_from_predictions("margin", conf, right, right, target_escalation=0.2)
+    assert spec.signal == "margin" and spec.calibration["achieved_escalation"] == pytest.approx(0.2)
+
+
+def test_grouped_split_keeps_near_duplicates_together_and_is_deterministic() -> None:
+    texts = [f"Product {i % 300}" + ("!" if i % 2 else "") for i in range(900)] + ["PRODUCT 7", "product-7"]
+    a, b = grouped_split(texts, seed=5), grouped_split(texts, seed=5)
+    assert all(np.array_equal(x, y) for x, y in zip((a.train, a.validation, a.test), (b.train, b.validation, b.test)))
+    where = {}
+    for part, index in (("train", a.train), ("validation", a.validation), ("test", a.test)):
+        for i in index:
+            assert where.setdefault(normalise_name(texts[i]), part) == part
+    assert sum(a.sizes().values()) == len(texts)
+    assert grouped_split(texts, seed=6).test.tolist() != a.test.tolist()

@@ -1,0 +1,28 @@
+"""`tiergate demo` (what `make run` calls) end to end on prebuilt tiny models: servers start, traffic flows, summary prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tiergate.cli", "--log-level", "warning", "demo", "--models", str(tiny_models),
+         "--keyring", str(keyring_path), "--requests", "120", "--concurrency", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "=== Tiergate demo summary ===" in out
+    assert "errors: none" in out
+    assert "answered at edge" in out and "escalations" in out
+    assert "servers stopped (gateway exit 0, cloud exit 0)" in out
+    sent = next(line for line in out.splitlines() if line.startswith("requests sent")).split()
+    total, answered = int(sent[2]), int(sent[3].lstrip("("))
+    assert 0 < total <= 120 and answered == total

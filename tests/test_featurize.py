@@ -1,0 +1,79 @@
+"""Unit tests for the hashed n-gram featurizer of the edge tier."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edge_runtime.featurize import HashedNgramFeaturizer
+
+
+def test_shape_dtype_padding_and_range() -> None:
+    featurizer = HashedNgramFeaturizer(n_buckets=2**10, max_features=32)
+    ids = featurizer.transform(["Organic Whole Milk", "", "a"])
+    assert ids.shape == (3, 32) and ids.dtype == np.int32
+    assert (ids[1] == 0).all()
+    nonzero = ids[ids != 0]
+    assert nonzero.min() >= 1 and nonzero.max() <= 2**10 - 1
+    assert (ids[0] != 0).sum() > 3
+
+
+def test_normalisation_nfkc_and_case() -> None:
+    featurizer = HashedNgramFeaturizer()
+    a, b = featurizer.transform(["ＯＲＧＡＮＩＣ Milk", "organic milk"])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_truncates_at_max_features_word_ngrams_first() -> None:
+    featurizer = HashedNgramFeaturizer(max_features=4)
+    long_name = "one two three four five six"
+    ids = featurizer.transform([long_name])[0]
+    assert (ids != 0).all()
+    words_only = HashedNgramFeaturizer(max_features=4, char_ngrams=(0, 0)).transform([long_name])[0]
+    np.testing.assert_array_equal(ids, words_only)
+
+
+def test_config_round_trip() -> None:
+    featurizer = HashedNgramFeaturizer(n_buckets=2**12, max_features=40, word_ngrams=(1, 1), char_ngrams=(2, 4))
+    clone = HashedNgramFeaturizer.from_config(featurizer.config())
+    texts = ["Chocolate Sandwich Cookies", "All-Seasons Salt"]
+    np.testing.assert_array_equal(featurizer.transform(texts), clone.transform(texts))
+
+
+def test_rejects_unknown_config_kind() -> None:
+    with pytest.raises(ValueError, match="unsupported featurizer"):
+        HashedNgramFeaturizer.from_config({"kind": "bpe"})
+
+
+def test_rejects_a_bare_string() -> None:
+    with pytest.raises(TypeError):
+        HashedNgramFeaturizer().transform("milk")  # type: ignore[arg-type]
+
+
+def test_ids_are_stable_across_processes() -> None:
+    # Python's hash() is salted per process; crc32 ids must not be.
+    code = (
+        "from edge_runtime.featurize import HashedNgramFeaturizer as H;"
+        "print(H().transform(['Greek Yogurt Vanilla'])[0].tolist())"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": str(seed), "PYTHONPATH": "."}).stdout
+        for seed in (1, 2)
+    }
+    here = HashedNgramFeaturizer().transform(["Greek Yogurt Vanilla"])[0].tolist()
+    assert outputs == {f"{here}\n"}
+
+
+def test_is_fast_enough_for_the_edge() -> None:
+    featurizer = HashedNgramFeaturizer()
+    texts = [f"Organic Product {i} Vanilla Greek Yogurt 32 oz" for i in range(2000)]
+    start = time.perf_counter()
+    featurizer.transform(texts)
+    per_text_us = (time.perf_counter() - start) / len(texts) * 1e6
+    # Generous bound for shared CI machines; ~20 us is typical here.
+    assert per_text_us < 200

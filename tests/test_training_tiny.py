@@ -1,0 +1,146 @@
+"""End-to-end test of the model pipeline on a tiny generated catalogue, loaded through the serving runtime."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the train extra (torch) is needed to build models")
+
+from cloud_runtime.model import CloudModel  # noqa: E402
+from edge_runtime.model import EdgeModel  # noqa: E402
+from tiergate.manifest import ManifestError, load_manifest  # noqa: E402
+from tiergate.scoring import SIGNALS  # noqa: E402
+from tiergate.training.build import heldout_examples  # noqa: E402
+from tiergate.training.calibrate import calibrate  # noqa: E402
+from tiergate.training.tiny import build_tiny_models, tiny_examples  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)
+
+
+def test_manifest_fields(tiny_dir: Path) -> None:
+    manifest = load_manifest(tiny_dir)
+    assert manifest.format_version == 1
+    assert manifest.data["source"] == "demo data: synthetic"
+    assert "/" not in manifest.data["source"]
+    assert 3 <= len(manifest.labels) <= 6
+    assert manifest.routing.signal in SIGNALS
+    assert 0.0 <= manifest.routing.threshold <= 1.0 + 1e-6
+    assert manifest.routing.calibration["split"] == "validation"
+    assert manifest.edge.featurizer["kind"] == "hashed_ngram"
+    assert manifest.edge.temperature > 0 and manifest.cloud.temperature > 0
+    for item in manifest.artifact_files().values():
+        assert not Path(item.path).is_absolute() and (tiny_dir / item.path).is_file()
+    assert set(manifest.metrics["test"]) >= {"edge_int8_accuracy", "cloud_accuracy", "cascade_accuracy", "escalation_rate"}
+    assert manifest.metrics["edge_alternatives"][0]["chosen"] is True
+
+
+def test_models_predict_labels(tiny_dir: Path) -> None:
+    texts = [text for text, _ in tiny_examples()]
+    edge = EdgeModel.load(tiny_dir)
+    cloud = CloudModel.load(tiny_dir)
+    try:
+        for model in (edge, cloud):
+            scored = model.predict(texts)
+            assert scored.label_index.shape == (len(texts),)
+            assert scored.confidence.shape == (len(texts),)
+            assert ((scored.confidence >= 0) & (scored.confidence <= 1)).all()
+            assert model.labels == load_manifest(tiny_dir).labels
+            assert model.logits([]).shape == (0, len(model.labels))
+        gold = np.array([edge.labels.index(label) for _, label in tiny_examples()])
+        assert (cloud.predict(texts).label_index == gold).mean() > 0.7
+        assert (edge.predict(texts).label_index == gold).mean() > 0.5
+    finally:
+        edge.close()
+        cloud.close()
+
+
+def test_int8_edge_agrees_with_fp32(tiny_dir: Path) -> None:
+    texts = [text for text, _ in tiny_examples()]
+    int8 = EdgeModel.load(tiny_dir, variant="int8")
+    fp32 = EdgeModel.load(tiny_dir, variant="fp32")
+    qdq = EdgeModel.load(tiny_dir, variant="qdq")
+    try:
+        reference = fp32.predict(texts).label_index
+        assert (int8.predict(texts).label_index == reference).mean() >= 0.9
+        assert (qdq.predict(texts).label_index == reference).mean() >= 0.85
+    finally:
+        for model in (int8, fp32, qdq):
+            model.close()
+
+
+def test_onnx_interfaces(tiny_dir: Path) -> None:
+    import onnxruntime as ort
+
+    manifest = load_manifest(tiny_dir)
+    edge = ort.InferenceSession(str(tiny_dir / manifest.edge.onnx.path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in edge.get_inputs()] == [("ids", "tensor(int32)")]
+    assert [o.name for o in edge.get_outputs()] == ["logits"]
+    cloud = ort.InferenceSession(str(tiny_dir / manifest.cloud.onnx.path), providers=["CPUExecutionProvider"])
+    assert {(i.name, i.type) for i in cloud.get_inputs()} == {("input_ids", "tensor(int64)"), ("attention_mask", "tensor(int64)")}
+    assert [o.name for o in cloud.get_outputs()] == ["logits"]
+
+
+def test_tensorrt_backend_is_a_clear_error(tiny_dir: Path) -> None:
+    with pytest.raises(RuntimeError, match="TensorRT backend is not available"):
+        EdgeModel.load(tiny_dir, backend="tensorrt")
+
+
+def test_heldout_examples_are_the_test_split(tiny_dir: Path) -> None:
+    assert heldout_examples(tiny_dir) == tiny_examples()
+    assert len(heldout_examples(tiny_dir, limit=5)) == 5
+
+
+def test_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
+    again = load_manifest(build_tiny_models(tmp_path / "again", seed=0))
+    first = load_manifest(tiny_dir)
+    assert again.labels == first.labels
+    assert again.data["sizes"] == first.data["sizes"]
+    assert again.metrics["test"] == first.metrics["test"]
+
+
+def test_corrupted_file_is_caught(tiny_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    manifest = load_manifest(copy)
+    target = copy / manifest.edge.onnx.path
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="corrupt"):
+        EdgeModel.load(copy)
+    with pytest.raises(ManifestError, match="corrupt"):
+        CloudModel.load(copy)
+
+
+def test_missing_model_file_names_the_fix(tiny_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    (copy / load_manifest(copy).cloud.tokenizer.path).unlink()
+    with pytest.raises(ManifestError, match="missing.*tiergate models build"):
+        CloudModel.load(copy)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3])
+def test_calibrate_for_target_escalation(tiny_dir: Path, tmp_path: Path, target: float) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    routing = calibrate(copy, None, target_escalation=target)
+    assert routing.calibration["target"] == {"kind": "escalation", "value": target}
+    assert abs(routing.calibration["achieved_escalation"] - target) <= 0.05
+    assert load_manifest(copy).routing == routing
+
+
+def test_calibrate_for_target_quality(tiny_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    routing = calibrate(copy, None, target_quality=0.99)
+    assert routing.calibration["quality_ratio"] >= 0.99
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate(copy, None)

@@ -1,0 +1,67 @@
+"""Temperature-scaled probabilities and the confidence signals that drive escalation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SIGNALS = ("max_prob", "margin", "entropy")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Predicted label indices and a confidence in [0, 1] (higher means more confident)."""
+
+    label_index: np.ndarray
+    confidence: np.ndarray
+
+
+def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64 for stable small probabilities."""
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if z.ndim != 2:
+        raise ValueError(f"logits must be 2-D [n, K], got shape {z.shape}")
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def confidence_from_probs(probs: np.ndarray, signal: str) -> np.ndarray:
+    """One confidence value per row of ``probs`` for the named signal."""
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown confidence signal {signal!r}; expected one of {', '.join(SIGNALS)}")
+    n, k = probs.shape
+    if signal == "max_prob":
+        conf = probs.max(axis=1)
+    elif signal == "margin":
+        if k < 2:
+            conf = np.ones(n)
+        else:
+            top2 = np.partition(probs, k - 2, axis=1)[:, k - 2 :]
+            conf = top2[:, 1] - top2[:, 0]
+    else:
+        if k < 2:
+            conf = np.ones(n)
+        else:
+            safe = np.clip(probs, 1e-12, 1.0)
+            entropy = -(probs * np.log(safe)).sum(axis=1)
+            conf = 1.0 - entropy / np.log(k)
+    return np.clip(conf, 0.0, 1.0).astype(np.float32)
+
+
+def score(logits: np.ndarray, temperature: float, signal: str) -> Scored:
+    """Arg-max labels and the chosen confidence signal of temperature-scaled ``logits``."""
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown confidence signal {signal!r}; expected one of {', '.join(SIGNALS)}")
+    probs = softmax(logits, temperature)
+    return Scored(
+        label_index=probs.argmax(axis=1).astype(np.int64),
+        confidence=confidence_from_probs(probs, signal),
+    )

@@ -1,0 +1,1 @@
+"""Training, quantization, calibration and evaluation of the edge and cloud models (needs the train extra)."""

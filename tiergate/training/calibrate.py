@@ -1,0 +1,215 @@
+"""Temperature scaling, escalation-signal choice and threshold calibration on the validation split."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiergate.manifest import RoutingSpec, load_manifest, with_routing, write_manifest
+from tiergate.scoring import SIGNALS, confidence_from_probs, softmax
+
+logger = logging.getLogger(__name__)
+
+# A confidence never exceeds 1, so a threshold above it escalates every row.
+ESCALATE_ALL = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the true labels under ``softmax(logits / T)``."""
+    probs = softmax(logits, temperature)
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising validation NLL (log-spaced grid, then golden-section refinement)."""
+    if len(y) == 0:
+        return 1.0
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
+    losses = [nll(logits, y, float(t)) for t in grid]
+    best = int(np.argmin(losses))
+    lo, hi = np.log(grid[max(0, best - 1)]), np.log(grid[min(len(grid) - 1, best + 1)])
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(30):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if nll(logits, y, float(np.exp(a))) < nll(logits, y, float(np.exp(b))):
+            hi = b
+        else:
+            lo = a
+    return float(np.exp((lo + hi) / 2.0))
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positive`` rows (ties get average rank)."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = np.asarray(scores)[order]
+    # Average ranks over tied groups.
+    _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = start + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def signal_aurocs(logits: np.ndarray, temperature: float, y: np.ndarray) -> dict[str, float]:
+    """AUROC of each confidence signal for "the edge prediction is right"."""
+    probs = softmax(logits, temperature)
+    right = probs.argmax(axis=1) == y
+    return {s: round(auroc(confidence_from_probs(probs, s), right), 4) for s in SIGNALS}
+
+
+def _cut(sorted_conf: np.ndarray, k: int) -> float:
+    """Threshold that escalates exactly the ``k`` lowest confidences (midpoint between neighbours)."""
+    n = len(sorted_conf)
+    if k <= 0:
+        return 0.0
+    if k >= n:
+        return ESCALATE_ALL
+    return float((float(sorted_conf[k - 1]) + float(sorted_conf[k])) / 2.0)
+
+
+def threshold_for_escalation(confidence: np.ndarray, target: float) -> float:
+    """Threshold whose escalation rate (confidence < threshold) on these rows is closest to ``target``."""
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target escalation must be within [0, 1], got {target}")
+    conf = np.sort(np.asarray(confidence, dtype=np.float64))
+    n = len(conf)
+    if n == 0:
+        return 0.0
+    k = int(round(target * n))
+    # Tied confidences cannot be split, so use the nearest cut between distinct values.
+    cuts = np.concatenate([[0, n], np.flatnonzero(np.diff(conf) > 0) + 1])
+    return _cut(conf, int(cuts[np.argmin(np.abs(cuts - k))]))
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Cascade accuracy against escalation rate, one point per distinct cut of the confidence."""
+
+    escalation: np.ndarray
+    accuracy: np.ndarray
+    thresholds: np.ndarray
+
+
+def cascade_curve(confidence: np.ndarray, edge_right: np.ndarray, cloud_right: np.ndarray) -> Curve:
+    """Accuracy of "escalate the k least confident rows" for every k at a tie boundary."""
+    order = np.argsort(confidence, kind="mergesort")
+    conf = np.asarray(confidence, dtype=np.float64)[order]
+    edge = np.asarray(edge_right, dtype=np.float64)[order]
+    cloud = np.asarray(cloud_right, dtype=np.float64)[order]
+    n = len(conf)
+    gain = np.concatenate([[0.0], np.cumsum(cloud - edge)])
+    ks = np.concatenate([[0], np.flatnonzero(np.diff(conf) > 0) + 1, [n]]) if n else np.array([0])
+    ks = np.unique(ks)
+    accuracy = (edge.sum() + gain[ks]) / max(n, 1)
+    return Curve(
+        escalation=ks / max(n, 1),
+        accuracy=accuracy,
+        thresholds=np.array([_cut(conf, int(k)) for k in ks]),
+    )
+
+
+def threshold_for_quality(
+    confidence: np.ndarray, edge_right: np.ndarray, cloud_right: np.ndarray, target: float
+) -> float:
+    """Lowest-escalation threshold whose cascade accuracy reaches ``target`` x cloud-only accuracy."""
+    if not 0.0 < target <= 1.5:
+        raise ValueError(f"target quality must be a ratio to cloud accuracy in (0, 1.5], got {target}")
+    curve = cascade_curve(confidence, edge_right, cloud_right)
+    floor = target * float(np.mean(cloud_right)) if len(cloud_right) else 0.0
+    meets = np.flatnonzero(curve.accuracy >= floor - 1e-12)
+    if len(meets) == 0:
+        logger.warning("quality floor %.4f is not reachable on these rows; escalating everything", floor)
+        return ESCALATE_ALL
+    return float(curve.thresholds[meets[0]])
+
+
+def routing_from_predictions(
+    signal: str,
+    confidence: np.ndarray,
+    edge_right: np.ndarray,
+    cloud_right: np.ndarray,
+    target_escalation: float | None = None,
+    target_quality: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> RoutingSpec:
+    """Pick the threshold for one target on validation predictions and describe what it achieved."""
+    if (target_escalation is None) == (target_quality is None):
+        raise ValueError("give exactly one of target_escalation or target_quality")
+    if target_escalation is not None:
+        threshold = threshold_for_escalation(confidence, target_escalation)
+        target = {"kind": "escalation", "value": float(target_escalation)}
+    else:
+        assert target_quality is not None
+        threshold = threshold_for_quality(confidence, edge_right, cloud_right, target_quality)
+        target = {"kind": "quality", "value": float(target_quality)}
+    escalate = np.asarray(confidence) < threshold
+    n = max(len(escalate), 1)
+    cascade = np.where(escalate, cloud_right, edge_right)
+    cloud_acc = float(np.mean(cloud_right)) if len(cloud_right) else 0.0
+    calibration: dict[str, Any] = {
+        "target": target,
+        "split": "validation",
+        "rows": int(len(escalate)),
+        "achieved_escalation": round(float(escalate.sum()) / n, 4),
+        "cascade_accuracy": round(float(np.mean(cascade)) if len(cascade) else 0.0, 4),
+        "edge_accuracy": round(float(np.mean(edge_right)) if len(edge_right) else 0.0, 4),
+        "cloud_accuracy": round(cloud_acc, 4),
+        "quality_ratio": round(float(np.mean(cascade)) / cloud_acc, 4) if cloud_acc else None,
+    }
+    if extra:
+        calibration.update(extra)
+    return RoutingSpec(signal=signal, threshold=float(threshold), calibration=calibration)
+
+
+def calibrate(
+    model_dir: Path,
+    data_dir: Path | None,
+    target_escalation: float | None = None,
+    target_quality: float | None = None,
+) -> RoutingSpec:
+    """Re-derive the validation split, run both tiers through the serving runtime, pick and store the threshold."""
+    from cloud_runtime.model import CloudModel
+    from edge_runtime.model import EdgeModel
+    from tiergate.training.build import load_split_for_manifest
+
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    catalogue, split = load_split_for_manifest(manifest, data_dir)
+    val = catalogue.subset(split.validation)
+    edge = EdgeModel.load(model_dir, manifest)
+    cloud = CloudModel.load(model_dir, manifest)
+    try:
+        edge_scored = edge.predict(val.texts)
+        cloud_labels = _batched_labels(cloud, val.texts)
+    finally:
+        edge.close()
+        cloud.close()
+    routing = routing_from_predictions(
+        manifest.routing.signal,
+        edge_scored.confidence,
+        edge_scored.label_index == val.y,
+        cloud_labels == val.y,
+        target_escalation=target_escalation,
+        target_quality=target_quality,
+        extra={key: manifest.routing.calibration[key] for key in ("signal_auroc",) if key in manifest.routing.calibration},
+    )
+    write_manifest(model_dir, with_routing(manifest, routing))
+    logger.info(
+        "calibrated %s: signal %s threshold %.4f escalation %.3f on %d validation rows",
+        model_dir, routing.signal, routing.threshold, routing.calibration["achieved_escalation"], len(val),
+    )
+    return routing
+
+
+def _batched_labels(model: Any, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Arg-max labels of a runtime model over ``texts`` in batches."""
+    out = [model.predict(texts[i : i + batch_size]).label_index for i in range(0, len(texts), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

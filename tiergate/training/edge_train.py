@@ -1,0 +1,152 @@
+"""The edge network (hashed n-gram embedding, masked mean, small MLP), its distillation training and ONNX export."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Architecture and training settings of one edge candidate."""
+
+    name: str = "ngram-mlp"
+    n_buckets: int = 2**18
+    max_features: int = 96
+    dim: int = 64
+    hidden: int = 256
+    dropout: float = 0.2
+    epochs: int = 12
+    batch_size: int = 256
+    lr: float = 2e-3
+    embedding_lr: float = 2e-2
+    kd_alpha: float = 0.7
+    kd_temperature: float = 2.0
+    patience: int = 3
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return asdict(self)
+
+
+class EdgeNet(nn.Module):
+    """nn.Embedding + mean over non-padding ids + MLP; exports to plain Gather/ReduceSum/MatMul ONNX."""
+
+    def __init__(self, n_buckets: int, dim: int, hidden: int, n_labels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_buckets, dim, padding_idx=0, sparse=True)
+        nn.init.normal_(self.embedding.weight, std=0.05)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.mlp = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, n_labels),
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids int [n, L] -> logits float [n, K]."""
+        ids = ids.long()
+        mask = (ids != 0).unsqueeze(-1).to(torch.float32)
+        summed = (self.embedding(ids) * mask).sum(dim=1)
+        count = mask.sum(dim=1).clamp(min=1.0)
+        return self.mlp(summed / count)
+
+
+def _kd_loss(logits: torch.Tensor, hard: torch.Tensor, soft_logits: torch.Tensor | None, alpha: float, t: float) -> torch.Tensor:
+    ce = nn.functional.cross_entropy(logits, hard)
+    if soft_logits is None or alpha <= 0.0:
+        return ce
+    teacher = nn.functional.softmax(soft_logits / t, dim=1)
+    student = nn.functional.log_softmax(logits / t, dim=1)
+    kd = nn.functional.kl_div(student, teacher, reduction="batchmean") * (t * t)
+    return alpha * kd + (1.0 - alpha) * ce
+
+
+def predict_edge(model: EdgeNet, ids: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+    """float32 logits of the torch edge model."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            out.append(model(torch.from_numpy(ids[start : start + batch_size])).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.mlp[-1].out_features), dtype=np.float32)
+
+
+def train_edge(
+    config: EdgeConfig,
+    train_ids: np.ndarray,
+    train_y: np.ndarray,
+    n_labels: int,
+    val_ids: np.ndarray,
+    val_y: np.ndarray,
+    teacher_logits: np.ndarray | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[EdgeNet, dict[str, Any]]:
+    """Train with hard labels plus (when given) the teacher's soft labels; keep the best validation epoch."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = EdgeNet(config.n_buckets, config.dim, config.hidden, n_labels, config.dropout)
+    sparse_opt = torch.optim.SparseAdam(list(model.embedding.parameters()), lr=config.embedding_lr)
+    dense_opt = torch.optim.AdamW(model.mlp.parameters(), lr=config.lr, weight_decay=1e-4)
+    x = torch.from_numpy(train_ids)
+    y = torch.from_numpy(train_y.astype(np.int64))
+    soft = None if teacher_logits is None else torch.from_numpy(teacher_logits.astype(np.float32))
+    best_acc, best_state, best_epoch, stale = -1.0, copy.deepcopy(model.state_dict()), 0, 0
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.from_numpy(rng.permutation(len(train_ids)))
+        batches = range(0, len(order), config.batch_size)
+        for start in tqdm(batches, desc=f"edge {config.name} epoch {epoch + 1}", disable=not progress, leave=False):
+            index = order[start : start + config.batch_size]
+            logits = model(x[index])
+            loss = _kd_loss(logits, y[index], None if soft is None else soft[index], config.kd_alpha, config.kd_temperature)
+            sparse_opt.zero_grad()
+            dense_opt.zero_grad()
+            loss.backward()
+            sparse_opt.step()
+            dense_opt.step()
+        acc = float((predict_edge(model, val_ids).argmax(1) == val_y).mean()) if len(val_y) else 0.0
+        history.append(round(acc, 4))
+        logger.info("edge %s epoch %d validation accuracy %.4f", config.name, epoch + 1, acc)
+        if acc > best_acc:
+            best_acc, best_state, best_epoch, stale = acc, copy.deepcopy(model.state_dict()), epoch + 1, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, {"best_epoch": best_epoch, "validation_accuracy_torch": round(best_acc, 4), "history": history}
+
+
+def export_edge_onnx(model: EdgeNet, path: Path, max_features: int, opset: int = 17) -> Path:
+    """Single-file ONNX: input ``ids`` int32 [batch, L], output ``logits`` float32 [batch, K]."""
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.ones((2, max_features), dtype=torch.int32)
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        input_names=["ids"],
+        output_names=["logits"],
+        dynamic_axes={"ids": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    return path

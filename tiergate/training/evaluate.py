@@ -1,0 +1,335 @@
+"""The evaluation report: edge, cloud and cascade accuracy against escalation, run through the serving runtime."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_runtime.model import CloudModel
+from edge_runtime.model import EdgeModel
+from tiergate.manifest import Manifest, load_manifest
+from tiergate.scoring import SIGNALS, score
+from tiergate.training.calibrate import auroc, cascade_curve
+from tiergate.training.data import load_bigbasket_departments
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+# Quoted from instacart-products/SOURCE.md (TF-IDF word 1-2 + char_wb 2-5 grams, LinearSVC).
+BASELINE_TFIDF_SVM = {"aisle": 0.787, "department": 0.867}
+QUALITY_FLOOR = 0.99
+MAX_ESCALATION = 0.15
+
+
+def _logits(model: EdgeModel | CloudModel, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    chunks = [model.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.labels)), dtype=np.float32)
+
+
+def _latency(model: EdgeModel | CloudModel, texts: list[str], samples: int) -> dict[str, float]:
+    timings = []
+    for i in range(samples):
+        start = time.perf_counter()
+        model.logits([texts[i % len(texts)]])
+        timings.append(time.perf_counter() - start)
+    ms = np.array(timings) * 1e3
+    return {
+        "p50": round(float(np.percentile(ms, 50)), 4),
+        "p99": round(float(np.percentile(ms, 99)), 4),
+        "samples": samples,
+    }
+
+
+def _macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
+    scores = []
+    for label in np.unique(gold):
+        tp = float(np.sum((pred == label) & (gold == label)))
+        fp = float(np.sum((pred == label) & (gold != label)))
+        fn = float(np.sum((pred != label) & (gold == label)))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _curve_points(confidence: np.ndarray, edge_right: np.ndarray, cloud_right: np.ndarray, points: int = 101) -> dict[str, list[float]]:
+    """The cascade curve resampled at evenly spaced escalation rates (for JSON and the plot)."""
+    curve = cascade_curve(confidence, edge_right, cloud_right)
+    grid = np.linspace(0.0, 1.0, points)
+    index = np.searchsorted(curve.escalation, grid, side="left").clip(0, len(curve.escalation) - 1)
+    return {
+        "escalation": [round(float(curve.escalation[i]), 4) for i in index],
+        "accuracy": [round(float(curve.accuracy[i]), 4) for i in index],
+        "threshold": [round(float(curve.thresholds[i]), 6) for i in index],
+    }
+
+
+def _section(
+    edge_logits: np.ndarray,
+    cloud_logits: np.ndarray,
+    gold: np.ndarray,
+    manifest: Manifest,
+    to_group: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Accuracies, signal AUROCs, the operating point and the curve for one labelled set.
+
+    ``to_group`` maps label indices to coarser classes (aisle -> department); ``gold`` is then in that space.
+    """
+    edge_scored = score(edge_logits, manifest.edge.temperature, manifest.routing.signal)
+    edge_pred = edge_scored.label_index
+    cloud_pred = cloud_logits.argmax(axis=1)
+    if to_group is not None:
+        edge_pred, cloud_pred = to_group[edge_pred], to_group[cloud_pred]
+    edge_right, cloud_right = edge_pred == gold, cloud_pred == gold
+    escalate = edge_scored.confidence < manifest.routing.threshold
+    cascade_pred = np.where(escalate, cloud_pred, edge_pred)
+    cascade_right = cascade_pred == gold
+    cloud_acc = float(cloud_right.mean()) if len(gold) else 0.0
+    curve = cascade_curve(edge_scored.confidence, edge_right, cloud_right)
+    reachable = np.flatnonzero(curve.accuracy >= QUALITY_FLOOR * cloud_acc - 1e-12)
+    aurocs = {
+        s: round(auroc(score(edge_logits, manifest.edge.temperature, s).confidence, edge_right), 4) for s in SIGNALS
+    }
+    return {
+        "rows": int(len(gold)),
+        "edge_accuracy": round(float(edge_right.mean()), 4),
+        "cloud_accuracy": round(cloud_acc, 4),
+        "edge_macro_f1": round(_macro_f1(edge_pred, gold), 4),
+        "cloud_macro_f1": round(_macro_f1(cloud_pred, gold), 4),
+        "operating_point": {
+            "threshold": manifest.routing.threshold,
+            "signal": manifest.routing.signal,
+            "escalation": round(float(escalate.mean()), 4),
+            "cascade_accuracy": round(float(cascade_right.mean()), 4),
+            "cascade_macro_f1": round(_macro_f1(cascade_pred, gold), 4),
+            "quality_ratio": round(float(cascade_right.mean()) / cloud_acc, 4) if cloud_acc else None,
+        },
+        "oracle_min_escalation_at_quality_floor": round(float(curve.escalation[reachable[0]]), 4) if len(reachable) else None,
+        "signal_auroc_edge_right": aurocs,
+        "curve": _curve_points(edge_scored.confidence, edge_right, cloud_right),
+    }
+
+
+def evaluate(
+    model_dir: Path,
+    data_dir: Path | None,
+    out_dir: Path,
+    bigbasket_dir: Path | None = None,
+    bigbasket_limit: int | None = None,
+    latency_samples: int = 500,
+) -> dict[str, Any]:
+    """Evaluate the model set on its held-out test split (and BigBasket when given); write report.json/.md/.png."""
+    from tiergate.training.build import load_split_for_manifest
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    manifest = load_manifest(model_dir)
+    catalogue, split = load_split_for_manifest(manifest, data_dir)
+    test = catalogue.subset(split.test)
+    edge = EdgeModel.load(model_dir, manifest)
+    edge_fp32 = EdgeModel.load(model_dir, manifest, variant="fp32")
+    edge_qdq = EdgeModel.load(model_dir, manifest, variant="qdq")
+    cloud = CloudModel.load(model_dir, manifest)
+    try:
+        started = time.perf_counter()
+        edge_logits = _logits(edge, test.texts)
+        fp32_logits = _logits(edge_fp32, test.texts)
+        qdq_logits = _logits(edge_qdq, test.texts)
+        cloud_logits = _logits(cloud, test.texts)
+        logger.info("scored %d test rows in %.1f s", len(test), time.perf_counter() - started)
+        latency = {
+            "edge_int8_batch1_ms_with_featurize": _latency(edge, test.texts, latency_samples),
+            "edge_fp32_batch1_ms_with_featurize": _latency(edge_fp32, test.texts, latency_samples),
+            "cloud_fp32_batch1_ms_with_tokenize": _latency(cloud, test.texts, max(20, latency_samples // 5)),
+        }
+        parents = manifest.data.get("label_parents") or {label: label for label in manifest.labels}
+        groups = sorted(set(parents.values()))
+        to_group = np.array([groups.index(parents[label]) for label in manifest.labels])
+        report: dict[str, Any] = {
+            "model_version": manifest.version,
+            "task": manifest.task,
+            "data_source": manifest.data["source"],
+            "split_sizes": manifest.data.get("sizes"),
+            "test": _section(edge_logits, cloud_logits, test.y, manifest),
+            "edge_variants_test_accuracy": {
+                "int8_served": round(float((edge_logits.argmax(1) == test.y).mean()), 4),
+                "fp32": round(float((fp32_logits.argmax(1) == test.y).mean()), 4),
+                "int8_qdq": round(float((qdq_logits.argmax(1) == test.y).mean()), 4),
+                "int8_vs_fp32_agreement": round(float((edge_logits.argmax(1) == fp32_logits.argmax(1)).mean()), 4),
+                "served_variant": manifest.edge.metrics.get("served_variant"),
+            },
+            "latency": latency,
+            "sizes_bytes": {
+                "edge_int8": (model_dir / manifest.edge.onnx.path).stat().st_size,
+                "edge_qdq": (model_dir / manifest.edge.qdq_onnx.path).stat().st_size,
+                "edge_fp32": (model_dir / manifest.edge.fp32_onnx.path).stat().st_size,
+                "cloud_fp32": (model_dir / manifest.cloud.onnx.path).stat().st_size,
+            },
+            "routing": {"signal": manifest.routing.signal, "threshold": manifest.routing.threshold,
+                        "calibration": manifest.routing.calibration},
+            "temperatures": {"edge": manifest.edge.temperature, "cloud": manifest.cloud.temperature},
+            "edge_alternatives": manifest.metrics.get("edge_alternatives", []),
+            "build_timings_s": manifest.metrics.get("timings_s", {}),
+            "cloud_training": manifest.cloud.metrics.get("training", {}),
+            "baseline_tfidf_svm": BASELINE_TFIDF_SVM if manifest.data["source"] == "instacart-products" else None,
+        }
+        if manifest.task == "aisle":
+            report["department_from_aisle"] = _section(edge_logits, cloud_logits, to_group[test.y], manifest, to_group)
+        if bigbasket_dir is not None:
+            texts, departments = load_bigbasket_departments(Path(bigbasket_dir))
+            if bigbasket_limit is not None and bigbasket_limit < len(texts):
+                keep = np.sort(np.random.default_rng(0).choice(len(texts), bigbasket_limit, replace=False))
+                texts, departments = [texts[i] for i in keep], [departments[i] for i in keep]
+            known = [i for i, d in enumerate(departments) if d in groups]
+            texts = [texts[i] for i in known]
+            gold = np.array([groups.index(departments[i]) for i in known], dtype=np.int64)
+            report["bigbasket_departments"] = _section(_logits(edge, texts), _logits(cloud, texts), gold, manifest, to_group)
+    finally:
+        for model in (edge, edge_fp32, edge_qdq, cloud):
+            model.close()
+    report["targets"] = _targets(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
+    _plot(report, out_dir / REPORT_PNG)
+    logger.info("wrote %s, %s and %s to %s", REPORT_JSON, REPORT_MD, REPORT_PNG, out_dir)
+    return report
+
+
+def _targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    test = report["test"]
+    op = test["operating_point"]
+    variants = report["edge_variants_test_accuracy"]
+    targets: dict[str, Any] = {
+        "cascade_quality_ratio_ge_0.99": {"value": op["quality_ratio"], "met": bool((op["quality_ratio"] or 0) >= QUALITY_FLOOR)},
+        "escalation_le_0.15": {"value": op["escalation"], "met": bool(op["escalation"] <= MAX_ESCALATION)},
+        "edge_int8_loss_le_0.5pt": {
+            "value": round(variants["fp32"] - variants["int8_served"], 4),
+            "met": bool(variants["fp32"] - variants["int8_served"] <= 0.005),
+        },
+    }
+    baseline = report.get("baseline_tfidf_svm")
+    if baseline and report["task"] in baseline:
+        floor = round(baseline[report["task"]] + 0.03, 4)
+        targets[f"cloud_accuracy_ge_{floor}"] = {"value": test["cloud_accuracy"], "met": bool(test["cloud_accuracy"] >= floor)}
+    return targets
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable summary of ``report``."""
+    lines = [
+        f"# Tiergate evaluation: {report['task']} task, model {report['model_version']}",
+        "",
+        f"Data: {report['data_source']}; split sizes {report['split_sizes']} (grouped by normalised name). "
+        "All numbers on the held-out test split unless marked; models run through EdgeModel/CloudModel (ONNX Runtime, CPU).",
+        "",
+        "| set | rows | edge INT8 | cloud FP32 | cascade | escalation | cascade / cloud | min escalation for 0.99x cloud (oracle) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    sections = [("Instacart test", "test"), ("department (from aisle)", "department_from_aisle"),
+                ("BigBasket (mapped departments)", "bigbasket_departments")]
+    for title, key in sections:
+        if key not in report:
+            continue
+        s = report[key]
+        op = s["operating_point"]
+        lines.append(
+            f"| {title} | {s['rows']} | {_pct(s['edge_accuracy'])} | {_pct(s['cloud_accuracy'])} | "
+            f"{_pct(op['cascade_accuracy'])} | {_pct(op['escalation'])} | {op['quality_ratio']} | "
+            f"{_pct(s['oracle_min_escalation_at_quality_floor'])} |"
+        )
+    v = report["edge_variants_test_accuracy"]
+    lat = report["latency"]
+    sizes = report["sizes_bytes"]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        *[f"| {name} | {t['value']} | {'yes' if t['met'] else 'NO'} |" for name, t in report["targets"].items()],
+        "",
+        "## Edge model",
+        "",
+        f"- Served INT8 form: {v['served_variant']}; test accuracy INT8 {_pct(v['int8_served'])}, FP32 {_pct(v['fp32'])}, "
+        f"QDQ INT8 {_pct(v['int8_qdq'])}; INT8/FP32 agreement {_pct(v['int8_vs_fp32_agreement'])}.",
+        f"- Sizes: INT8 {sizes['edge_int8'] / 2**20:.2f} MiB, QDQ {sizes['edge_qdq'] / 2**20:.2f} MiB, "
+        f"FP32 {sizes['edge_fp32'] / 2**20:.2f} MiB; cloud FP32 {sizes['cloud_fp32'] / 2**20:.1f} MiB.",
+        f"- Batch-1 latency with preprocessing (p50 / p99): edge INT8 {lat['edge_int8_batch1_ms_with_featurize']['p50']:.3f} / "
+        f"{lat['edge_int8_batch1_ms_with_featurize']['p99']:.3f} ms; edge FP32 {lat['edge_fp32_batch1_ms_with_featurize']['p50']:.3f} / "
+        f"{lat['edge_fp32_batch1_ms_with_featurize']['p99']:.3f} ms; cloud FP32 {lat['cloud_fp32_batch1_ms_with_tokenize']['p50']:.2f} / "
+        f"{lat['cloud_fp32_batch1_ms_with_tokenize']['p99']:.2f} ms (1 intra-op thread).",
+        "",
+        "## Escalation signal (AUROC of \"edge is right\", test split)",
+        "",
+        "| signal | AUROC |",
+        "|---|---|",
+        *[f"| {s}{' (used)' if s == report['routing']['signal'] else ''} | {a} |" for s, a in report["test"]["signal_auroc_edge_right"].items()],
+        "",
+        f"Routing: escalate when {report['routing']['signal']} < {report['routing']['threshold']:.4f}; "
+        f"calibrated on validation: {json.dumps(report['routing']['calibration'].get('target'))}, "
+        f"achieved escalation {report['routing']['calibration'].get('achieved_escalation')} on "
+        f"{report['routing']['calibration'].get('rows')} validation rows. Temperatures: edge {report['temperatures']['edge']:.3f}, "
+        f"cloud {report['temperatures']['cloud']:.3f}.",
+    ]
+    if report["edge_alternatives"]:
+        lines += [
+            "",
+            "## Edge architectures tried (validation split)",
+            "",
+            "| candidate | served INT8 form | val acc FP32 | val acc INT8 | INT8 MiB | batch-1 p50 ms | escalation at 0.99x cloud | within bounds | chosen |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for alt in report["edge_alternatives"]:
+            accs = alt["validation_accuracy"]
+            lines.append(
+                f"| {alt['name']} | {alt['served_variant']} | {_pct(accs.get('fp32'))} | {_pct(accs.get(alt['served_variant']))} | "
+                f"{alt['int8_bytes'] / 2**20:.2f} | {alt['batch1_latency_ms_p50']:.3f} | {_pct(alt['escalation_at_quality_floor'])} | "
+                f"{alt['within_bounds']} | {'yes' if alt['chosen'] else ''} |"
+            )
+    if report.get("baseline_tfidf_svm"):
+        lines += ["", f"Reference (quoted from SOURCE.md, 80/20 split): TF-IDF + LinearSVC {report['baseline_tfidf_svm']}."]
+    timings = report.get("build_timings_s") or {}
+    if timings:
+        lines += ["", f"Build timings (s, this machine): {json.dumps(timings)}; cloud training: "
+                  f"{json.dumps({k: report['cloud_training'].get(k) for k in ('train_seconds', 'best_epoch', 'history', 'torch_threads')})}."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Accuracy against escalation rate: edge-only, cloud-only, the cascade and the operating point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("test", "department_from_aisle", "bigbasket_departments") if k in report]
+    titles = {"test": f"Instacart {report['task']} (test)", "department_from_aisle": "Instacart department (from aisle)",
+              "bigbasket_departments": "BigBasket, mapped departments"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        s = report[key]
+        op = s["operating_point"]
+        ax.plot(s["curve"]["escalation"], s["curve"]["accuracy"], label="cascade (all thresholds)", color="tab:blue")
+        ax.axhline(s["edge_accuracy"], color="tab:orange", linestyle=":", label=f"edge only {s['edge_accuracy']:.3f}")
+        ax.axhline(s["cloud_accuracy"], color="tab:green", linestyle="--", label=f"cloud only {s['cloud_accuracy']:.3f}")
+        ax.axhline(QUALITY_FLOOR * s["cloud_accuracy"], color="grey", linestyle="-.", linewidth=0.8, label="0.99 x cloud")
+        ax.scatter([op["escalation"]], [op["cascade_accuracy"]], color="red", zorder=5,
+                   label=f"operating point ({op['escalation']:.1%}, {op['cascade_accuracy']:.3f})")
+        ax.set_title(titles[key])
+        ax.set_xlabel("escalation rate")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

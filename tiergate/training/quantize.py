@@ -1,0 +1,70 @@
+"""INT8 quantization of the edge ONNX graph: static QDQ (for TensorRT) and dynamic per-channel (for CPU)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class _IdsReader(CalibrationDataReader):
+    """Feeds calibration batches of featurized ids to the static quantizer."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int = 64) -> None:
+        self._batches = [ids[i : i + batch_size].astype(np.int32) for i in range(0, len(ids), batch_size)]
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self._batches):
+            return None
+        batch = self._batches[self._next]
+        self._next += 1
+        return {"ids": batch}
+
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration_ids: np.ndarray) -> Path:
+    """Static INT8 in QDQ format, symmetric signed weights and activations, per-channel weights.
+
+    Symmetric INT8 QDQ is the form TensorRT consumes; the calibration set sets activation ranges.
+    """
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(
+        str(fp32_path),
+        str(out_path),
+        _IdsReader(calibration_ids),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Gather", "MatMul", "Gemm"],
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    return out_path
+
+
+def quantize_dynamic_int8(fp32_path: Path, out_path: Path, per_channel: bool = True) -> Path:
+    """Dynamic INT8 (weights quantized offline, activations at run time), optionally per channel."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(
+        str(fp32_path),
+        str(out_path),
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Gather", "MatMul", "Gemm"],
+    )
+    return out_path
