@@ -34,7 +34,8 @@ class TextBatch:
 
 
 def _split_raw_bytes(raw: bytes) -> list[bytes]:
-    items, offset = [], 0
+    items: list[bytes] = []
+    offset = 0
     while offset < len(raw):
         if offset + 4 > len(raw):
             raise InvalidInputError(f"raw contents of input {INPUT_NAME!r} end inside a 4-byte length prefix")

@@ -1,4 +1,4 @@
-"""Deployment files: the Dockerfile, compose stack and kustomize manifests agree with the CLI, settings and each other."""
+"""Deployment files: Dockerfile, compose stack and kustomize manifests agree with the CLI, settings and each other."""
 
 from __future__ import annotations
 

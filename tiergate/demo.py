@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -209,8 +210,16 @@ def run_demo(options: DemoOptions) -> int:
     ensure_models(options.models_dir, options.data_dir)
     manifest = load_manifest(options.models_dir)
     Keyring.load_or_create(options.keyring_path)
-    examples = heldout_examples(options.models_dir, options.data_dir, limit=options.requests)
-    print(f"traffic: {len(examples)} held-out rows from {manifest.data.get('source')}, task {manifest.task}")
+    heldout = heldout_examples(options.models_dir, options.data_dir)
+    if not heldout:
+        print("traffic: the held-out split is empty", file=sys.stderr)
+        return 1
+    # Replay the held-out rows in order, cycling when there are fewer rows than requests.
+    examples = list(itertools.islice(itertools.cycle(heldout), options.requests))
+    print(
+        f"traffic: {len(examples)} requests over {len(heldout)} held-out rows of "
+        f"{manifest.data.get('source')}, task {manifest.task}"
+    )
     common = ["--models", str(options.models_dir), "--keyring", str(options.keyring_path)]
     cloud = ServerProcess(["cloud", *common])
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import time
@@ -24,6 +25,7 @@ NONCE_BYTES = 12
 
 Direction = Literal["request", "response"]
 M = TypeVar("M", bound=Message)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class Keyring:
             except FileExistsError:
                 pass  # another process created it first; read theirs
             else:
+                # Convenient on one machine; across machines both sides must be given the same file.
+                logger.warning("no keyring at %s: created a new one; give the other tier the same file", path)
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
                     handle.write(cls.generate().to_json())
         return cls.load(path)

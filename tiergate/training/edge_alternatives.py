@@ -1,0 +1,152 @@
+"""Measures edge architectures other than the hashed n-gram MLP (truncated MiniLM) against a built model set."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_runtime.model import CloudModel
+from tiergate.manifest import load_manifest, write_manifest
+from tiergate.scoring import SIGNALS, score
+
+logger = logging.getLogger(__name__)
+
+
+def _logits(model: CloudModel, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    chunks = [model.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    return np.concatenate(chunks)
+
+
+def truncated_minilm_alternative(
+    model_dir: Path,
+    data_dir: Path | None,
+    work_dir: Path,
+    layers: int = 2,
+    epochs: int = 1,
+    max_length: int = 32,
+    seed: int = 0,
+    record: bool = True,
+) -> dict[str, Any]:
+    """Distil the first ``layers`` of MiniLM from the built cloud model, quantize per channel, and measure it.
+
+    The measured candidate is appended to the manifest's ``metrics.edge_alternatives`` (metrics are not
+    checksummed, so the served files are untouched). The candidate uses the cloud tier's ONNX interface,
+    so it is measured through the same CloudModel runtime code.
+    """
+    from dataclasses import replace as dc_replace
+
+    import torch
+
+    from tiergate.training.build import load_split_for_manifest
+    from tiergate.training.calibrate import fit_temperature, routing_from_predictions
+    from tiergate.training.cloud_train import MiniLMClassifier, export_cloud_onnx, save_tokenizer
+    from tiergate.training.edge_train import _kd_loss
+    from tiergate.training.quantize import quantize_dynamic_int8
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    model_dir, work_dir = Path(model_dir), Path(work_dir)
+    manifest = load_manifest(model_dir)
+    catalogue, split = load_split_for_manifest(manifest, data_dir)
+    train, val = catalogue.subset(split.train), catalogue.subset(split.validation)
+    teacher = CloudModel.load(model_dir, manifest, intra_op_threads=2)
+    t0 = time.perf_counter()
+    teacher_train = _logits(teacher, train.texts)
+    cloud_right_val = _logits(teacher, val.texts).argmax(1) == val.y
+    teacher.close()
+    teacher_s = time.perf_counter() - t0
+
+    # Student: the pretrained MiniLM cut to its first layers, trained on soft + hard labels
+    # (the shared cloud loop uses hard labels only, so distillation has its own loop here).
+    import tiergate.training.cloud_train as cloud_train
+
+    student = MiniLMClassifier(len(catalogue.labels))
+    student.encoder.encoder.layer = student.encoder.encoder.layer[:layers]
+    student.encoder.config.num_hidden_layers = layers
+    tokenizer = cloud_train.minilm_tokenizer()
+    pad_id = cloud_train.prepare_tokenizer(tokenizer, max_length)
+    optimizer = torch.optim.AdamW(
+        [{"params": student.encoder.parameters(), "lr": 1.5e-4}, {"params": student.head.parameters(), "lr": 3e-3}],
+        weight_decay=0.01,
+    )
+    lengths = np.array([len(e.ids) for e in tokenizer.encode_batch(train.texts)])
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    y = torch.from_numpy(train.y.astype(np.int64))
+    soft = torch.from_numpy(teacher_train)
+    batches_per_epoch = int(np.ceil(len(train) / 64))
+    total = batches_per_epoch * epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        student.train()
+        for index in tqdm(cloud_train._length_bucketed_batches(lengths, 64, rng), desc=f"minilm-{layers}L distil {epoch + 1}"):
+            ids, mask = cloud_train.encode_batch(tokenizer, [train.texts[i] for i in index], pad_id)
+            logits = student(torch.from_numpy(ids), torch.from_numpy(mask))
+            idx = torch.from_numpy(index)
+            loss = _kd_loss(logits, y[idx], soft[idx], 0.7, 2.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    train_s = time.perf_counter() - t0
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = export_cloud_onnx(student, work_dir / f"minilm{layers}l_fp32.onnx")
+    int8 = quantize_dynamic_int8(fp32, work_dir / f"minilm{layers}l_int8_pc.onnx", per_channel=True)
+    tok_path = save_tokenizer(tokenizer, work_dir / "tokenizer.json", max_length)
+    measured: dict[str, Any] = {}
+    for name, path in (("fp32", fp32), ("dynamic_per_channel", int8)):
+        model = CloudModel.from_files(path, tok_path, catalogue.labels, max_length)
+        logits = _logits(model, val.texts)
+        timings = []
+        for i in range(200):
+            s = time.perf_counter()
+            model.logits([val.texts[i % len(val)]])
+            timings.append(time.perf_counter() - s)
+        model.close()
+        measured[name] = {
+            "validation_accuracy": round(float((logits.argmax(1) == val.y).mean()), 4),
+            "bytes": path.stat().st_size,
+            "p50_ms": round(float(np.percentile(np.array(timings) * 1e3, 50)), 4),
+            "logits": logits,
+        }
+    served = measured["dynamic_per_channel"]
+    temperature = fit_temperature(served["logits"], val.y)
+    escalation = min(
+        routing_from_predictions(
+            s, score(served["logits"], temperature, s).confidence,
+            score(served["logits"], temperature, s).label_index == val.y, cloud_right_val, target_quality=0.99,
+        ).calibration["achieved_escalation"]
+        for s in SIGNALS
+    )
+    result = {
+        "name": f"minilm-first-{layers}-layers-distilled",
+        "served_variant": "dynamic_per_channel",
+        "validation_accuracy": {"fp32": measured["fp32"]["validation_accuracy"],
+                                "dynamic_per_channel": served["validation_accuracy"]},
+        "int8_bytes": served["bytes"],
+        "batch1_latency_ms_p50": served["p50_ms"],
+        "escalation_at_quality_floor": escalation,
+        "within_bounds": bool(served["bytes"] <= 25 * 2**20 and served["p50_ms"] <= 2.0),
+        "train_seconds": round(train_s, 1),
+        "teacher_soft_label_seconds": round(teacher_s, 1),
+        "epochs": epochs,
+        "chosen": False,
+        "note": "measured after the build; uses the cloud ONNX interface (tokenizer + input_ids/attention_mask)",
+    }
+    logger.info("truncated MiniLM alternative: %s (%.0f s)", json.dumps(result), time.perf_counter() - started)
+    if record:
+        manifest = load_manifest(model_dir, verify=False)
+        others = [a for a in manifest.metrics.get("edge_alternatives", []) if a["name"] != result["name"]]
+        metrics = {**manifest.metrics, "edge_alternatives": others + [result]}
+        write_manifest(model_dir, dc_replace(manifest, metrics=metrics))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return result
