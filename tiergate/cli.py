@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from tiergate.settings import DEFAULT_KEYRING, DEFAULT_MODELS_DIR, Settings, load_settings
+from tiergate.settings import DEFAULT_KEYRING, DEFAULT_MODELS_DIR, CloudSettings, GatewaySettings, Settings, load_settings
 
 logger = logging.getLogger("tiergate")
 
@@ -29,21 +29,22 @@ def _write_port(port_file: Path | None, port: int) -> None:
         tmp.replace(port_file)  # atomic: a reader never sees a half-written port
 
 
+def _apply_server_flags(section: GatewaySettings | CloudSettings, args: argparse.Namespace) -> None:
+    """Command-line flags override the settings file and environment."""
+    for flag, attribute in (("host", "host"), ("port", "port"), ("models", "models_dir"), ("keyring", "keyring_path")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(section, attribute, value)
+
+
 async def _serve_gateway(args: argparse.Namespace) -> None:
     from gateway.server import GatewayServer
     from tiergate.envelope import Keyring
 
     settings = _settings(args).gateway
-    if args.port is not None:
-        settings.port = args.port
-    if args.host is not None:
-        settings.host = args.host
+    _apply_server_flags(settings, args)
     if args.cloud is not None:
         settings.cloud_target = args.cloud
-    if args.models is not None:
-        settings.models_dir = args.models
-    if args.keyring is not None:
-        settings.keyring_path = args.keyring
     if args.edge_only:
         settings.chain = ["edge"]
     keyring = Keyring.load_or_create(settings.keyring_path) if "cloud" in settings.chain else None
@@ -58,14 +59,7 @@ async def _serve_cloud(args: argparse.Namespace) -> None:
     from tiergate.envelope import Keyring
 
     settings = _settings(args).cloud
-    if args.port is not None:
-        settings.port = args.port
-    if args.host is not None:
-        settings.host = args.host
-    if args.models is not None:
-        settings.models_dir = args.models
-    if args.keyring is not None:
-        settings.keyring_path = args.keyring
+    _apply_server_flags(settings, args)
     server = CloudServer(settings, Keyring.load_or_create(settings.keyring_path))
     port = await server.start()
     _write_port(args.port_file, port)
