@@ -41,7 +41,7 @@ run: $(STAMP)
 	$(PY) -m tiergate.cli demo --models $(MODELS) $(if $(DATA),--data $(DATA),)
 
 bench: $(STAMP)
-	$(PY) -m tiergate.cli demo --models $(MODELS) --requests 5000 $(if $(DATA),--data $(DATA),)
+	$(PY) -m tiergate.cli bench --models $(MODELS) $(if $(DATA),--data $(DATA),)
 
 clean:
 	rm -rf $(VENV) artifacts reports .pytest_cache

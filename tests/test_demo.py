@@ -26,3 +26,17 @@ def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None
     sent = next(line for line in out.splitlines() if line.startswith("requests sent")).split()
     total, answered = int(sent[2]), int(sent[3].lstrip("("))
     assert total == 150 and answered == total
+
+
+def test_bench_prints_setup_models_and_tier_paths(tiny_models: Path, keyring_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tiergate.cli", "--log-level", "warning", "bench", "--models", str(tiny_models),
+         "--keyring", str(keyring_path), "--calls", "40", "--requests", "60"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "setup:" in out and "onnxruntime" in out
+    for row in ("edge int8", "edge qdq", "edge fp32", "cloud fp32", "cloud (client hint)"):
+        assert row in out
+    assert "ratios: cloud/edge-int8 batch-1 p50" in out and "ratio: cloud-path/edge-path p50" in out

@@ -112,6 +112,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(options)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from tiergate.bench import run_bench
+
+    return run_bench(args.models, args.data, args.keyring, requests=args.requests, calls=args.calls)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiergate", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("TIERGATE_LOG_LEVEL", "info"))
@@ -163,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=3000)
     demo.add_argument("--concurrency", type=int, default=8)
     demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser("bench", help="edge INT8/FP32 vs cloud latency and size, then per-tier latency end to end")
+    bench.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    bench.add_argument("--data", type=Path, default=None)
+    bench.add_argument("--keyring", type=Path, default=DEFAULT_KEYRING)
+    bench.add_argument("--requests", type=int, default=2000, help="end-to-end requests")
+    bench.add_argument("--calls", type=int, default=1000, help="timed batch-1 calls per model")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -126,14 +126,18 @@ def ensure_models(models_dir: Path, data_dir: Path | None) -> None:
     print(f"models: built in {time.perf_counter() - started:.0f}s")
 
 
-def _request(text: str) -> pb.ModelInferRequest:
+def _request(text: str, hint: str | None = None) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=MODEL_NAME)
+    if hint is not None:
+        request.parameters["tier"].string_param = hint
     tensor = request.inputs.add(name="text", datatype="BYTES", shape=[1])
     tensor.contents.bytes_contents.append(text.encode("utf-8"))
     return request
 
 
-async def send_traffic(target: str, examples: Sequence[tuple[str, str]], concurrency: int) -> TrafficReport:
+async def send_traffic(
+    target: str, examples: Sequence[tuple[str, str]], concurrency: int, hint: str | None = None
+) -> TrafficReport:
     """Send one single-row request per example with `concurrency` callers; bounded by the example count."""
     report = TrafficReport()
     queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -147,7 +151,7 @@ async def send_traffic(target: str, examples: Sequence[tuple[str, str]], concurr
                 text, label = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    reply = await stub.ModelInfer(_request(text), timeout=10.0)
+                    reply = await stub.ModelInfer(_request(text, hint), timeout=10.0)
                 except grpc.aio.AioRpcError as error:
                     report.errors[error.code().name] += 1
                     continue
