@@ -128,7 +128,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: Path, max_length: int) -> Path:
     return path
 
 
-def _length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled batches of similar length, so padding to the batch's longest costs little."""
     order = rng.permutation(len(lengths))
     chunk = batch_size * 50
@@ -206,7 +206,7 @@ def train_cloud(
     started = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
-        batches = _length_bucketed_batches(lengths, config.batch_size, rng)
+        batches = length_bucketed_batches(lengths, config.batch_size, rng)
         bar = tqdm(batches, desc=f"cloud {config.kind} epoch {epoch + 1}/{config.epochs}", disable=not progress)
         for index in bar:
             ids, mask = encode_batch(tokenizer, [texts[i] for i in index], pad_id)

@@ -46,7 +46,7 @@ def truncated_minilm_alternative(
     from tiergate.training.build import load_split_for_manifest
     from tiergate.training.calibrate import fit_temperature, routing_from_predictions
     from tiergate.training.cloud_train import MiniLMClassifier, export_cloud_onnx, save_tokenizer
-    from tiergate.training.edge_train import _kd_loss
+    from tiergate.training.edge_train import kd_loss
     from tiergate.training.quantize import quantize_dynamic_int8
 
     torch.set_num_threads(2)
@@ -88,11 +88,11 @@ def truncated_minilm_alternative(
     t0 = time.perf_counter()
     for epoch in range(epochs):
         student.train()
-        for index in tqdm(cloud_train._length_bucketed_batches(lengths, 64, rng), desc=f"minilm-{layers}L distil {epoch + 1}"):
+        for index in tqdm(cloud_train.length_bucketed_batches(lengths, 64, rng), desc=f"minilm-{layers}L distil {epoch + 1}"):
             ids, mask = cloud_train.encode_batch(tokenizer, [train.texts[i] for i in index], pad_id)
             logits = student(torch.from_numpy(ids), torch.from_numpy(mask))
             idx = torch.from_numpy(index)
-            loss = _kd_loss(logits, y[idx], soft[idx], 0.7, 2.0)
+            loss = kd_loss(logits, y[idx], soft[idx], 0.7, 2.0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

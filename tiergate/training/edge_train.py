@@ -48,6 +48,7 @@ class EdgeNet(nn.Module):
         nn.init.normal_(self.embedding.weight, std=0.05)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
+        self.n_labels = n_labels
         self.mlp = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(dim, hidden),
@@ -65,7 +66,8 @@ class EdgeNet(nn.Module):
         return self.mlp(summed / count)
 
 
-def _kd_loss(logits: torch.Tensor, hard: torch.Tensor, soft_logits: torch.Tensor | None, alpha: float, t: float) -> torch.Tensor:
+def kd_loss(logits: torch.Tensor, hard: torch.Tensor, soft_logits: torch.Tensor | None, alpha: float, t: float) -> torch.Tensor:
+    """alpha x KL(teacher || student) at temperature t (scaled by t^2) + (1 - alpha) x cross-entropy on hard labels."""
     ce = nn.functional.cross_entropy(logits, hard)
     if soft_logits is None or alpha <= 0.0:
         return ce
@@ -82,7 +84,7 @@ def predict_edge(model: EdgeNet, ids: np.ndarray, batch_size: int = 2048) -> np.
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
             out.append(model(torch.from_numpy(ids[start : start + batch_size])).numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.mlp[-1].out_features), dtype=np.float32)
+    return np.concatenate(out) if out else np.zeros((0, model.n_labels), dtype=np.float32)
 
 
 def train_edge(
@@ -114,7 +116,7 @@ def train_edge(
         for start in tqdm(batches, desc=f"edge {config.name} epoch {epoch + 1}", disable=not progress, leave=False):
             index = order[start : start + config.batch_size]
             logits = model(x[index])
-            loss = _kd_loss(logits, y[index], None if soft is None else soft[index], config.kd_alpha, config.kd_temperature)
+            loss = kd_loss(logits, y[index], None if soft is None else soft[index], config.kd_alpha, config.kd_temperature)
             sparse_opt.zero_grad()
             dense_opt.zero_grad()
             loss.backward()
