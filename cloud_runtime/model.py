@@ -11,6 +11,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from tiergate.manifest import Manifest, load_manifest
+from tiergate.onnx_session import cpu_session
 from tiergate.scoring import Scored, score
 
 logger = logging.getLogger(__name__)
@@ -78,16 +79,11 @@ class CloudModel:
         intra_op_threads: int = 1,
     ) -> CloudModel:
         """Load from explicit files (the build uses this before a manifest exists)."""
-        for path in (Path(onnx_path), Path(tokenizer_path)):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"cloud model file {path} does not exist; build the models with `tiergate models build`"
-                )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(intra_op_threads)
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+        if not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(
+                f"cloud tokenizer {tokenizer_path} does not exist; build the models with `tiergate models build`"
+            )
+        session = cpu_session(Path(onnx_path), intra_op_threads, "cloud ONNX")
         names = {i.name for i in session.get_inputs()}
         if names != {"input_ids", "attention_mask"}:
             raise ValueError(

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from tiergate.onnx_session import cpu_session
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,18 +20,8 @@ class OnnxRuntimeBackend:
 
     def __init__(self, onnx_path: Path, intra_op_threads: int = 1) -> None:
         path = Path(onnx_path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"edge ONNX model {path} does not exist; build the models with `tiergate models build`"
-            )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(intra_op_threads)
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = path
-        self._session: ort.InferenceSession | None = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._session: ort.InferenceSession | None = cpu_session(path, intra_op_threads, "edge ONNX")
         inputs = self._session.get_inputs()
         if [i.name for i in inputs] != ["ids"]:
             raise ValueError(f"edge ONNX model {path.name} must take one input named 'ids'")
