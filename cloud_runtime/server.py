@@ -15,7 +15,6 @@ from tiergate.settings import CloudSettings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
-MODEL_NAME = "product-category"
 
 
 class CloudServer:
@@ -28,7 +27,7 @@ class CloudServer:
         self.servicer = CloudInferenceServicer(
             model,
             Sealer(keyring),
-            model_name=MODEL_NAME,
+            model_name=settings.model_name,
             model_version=manifest.version,
             limits=settings.limits,
         )

@@ -225,3 +225,30 @@ async def test_graceful_stop_marks_not_serving(tiny_models: Path, keyring_path: 
         await stack.stub.ModelInfer(infer_request(["milk"]))
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     await stop_stack(stack)
+
+
+async def test_renamed_model_reaches_a_cloud_configured_alike(tiny_models: Path, keyring_path: Path) -> None:
+    from cloud_runtime.server import CloudServer
+    from gateway.server import GatewayServer
+    from proto.inference import grpc_service_pb2_grpc as pb_grpc
+    from tiergate.envelope import Keyring
+    from tiergate.settings import CloudSettings, GatewaySettings
+
+    keyring = Keyring.load(keyring_path)
+    cloud = CloudServer(CloudSettings(port=0, models_dir=tiny_models, model_name="shelf-aisle"), keyring)
+    cloud_port = await cloud.start()
+    gateway = GatewayServer(
+        GatewaySettings(port=0, models_dir=tiny_models, model_name="shelf-aisle", cloud_target=f"127.0.0.1:{cloud_port}"),
+        keyring,
+    )
+    port = await gateway.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = infer_request(["organic milk"], tier="cloud")
+            request.model_name = "shelf-aisle"
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    finally:
+        await gateway.stop(0)
+        await cloud.stop(0)
+    assert reply.parameters["degraded"].bool_param is False
+    assert [o.contents.bytes_contents[0] for o in reply.outputs if o.name == "tier"] == [b"cloud"]

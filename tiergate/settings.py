@@ -60,6 +60,8 @@ class GatewaySettings:
 class CloudSettings:
     host: str = "127.0.0.1"
     port: int = 8101
+    # Must match the gateway's model_name: the gateway asks the cloud for its own model.
+    model_name: str = "product-category"
     models_dir: Path = DEFAULT_MODELS_DIR
     keyring_path: Path = DEFAULT_KEYRING
     grace_s: float = 5.0
