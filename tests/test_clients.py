@@ -14,23 +14,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tiergate.demo import ServerProcess, wait_serving
+from tiergate.demo import LocalStack
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def served(tiny_models: Path, keyring_path: Path) -> Iterator[str]:
-    common = ["--models", str(tiny_models), "--keyring", str(keyring_path)]
-    cloud = ServerProcess(["cloud", *common])
-    gateway = ServerProcess(["gateway", *common, "--cloud", cloud.target])
-    try:
-        wait_serving(cloud.target)
-        wait_serving(gateway.target)
-        yield gateway.target
-    finally:
-        assert gateway.stop() == 0, gateway.log_text()
-        assert cloud.stop() == 0, cloud.log_text()
+    with LocalStack(tiny_models, keyring_path) as stack:
+        yield stack.gateway_target
+    # Both servers drained and exited cleanly on SIGTERM.
+    assert stack.exit_codes == {"gateway": 0, "cloud": 0}
 
 
 def test_tritonclient_unmodified(served: str, tiny_rows: list[tuple[str, str]]) -> None:

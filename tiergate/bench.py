@@ -16,7 +16,7 @@ import onnxruntime
 
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
-from tiergate.demo import ServerProcess, ensure_models, send_traffic, wait_serving
+from tiergate.demo import LocalStack, ensure_models, send_traffic
 from tiergate.envelope import Keyring
 from tiergate.manifest import load_manifest
 
@@ -89,20 +89,11 @@ def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, reque
     )
 
     Keyring.load_or_create(keyring_path)
-    common = ["--models", str(models_dir), "--keyring", str(keyring_path)]
     examples = [(text, "") for text in itertools.islice(itertools.cycle(texts), requests)]
-    cloud_server = ServerProcess(["cloud", *common])
-    try:
-        gateway = ServerProcess(["gateway", *common, "--cloud", cloud_server.target])
-        try:
-            wait_serving(cloud_server.target)
-            wait_serving(gateway.target)
-            report = asyncio.run(send_traffic(gateway.target, examples, concurrency=1))
-            hinted = asyncio.run(send_traffic(gateway.target, examples[: max(50, requests // 10)], concurrency=1, hint="cloud"))
-        finally:
-            gateway.stop()
-    finally:
-        cloud_server.stop()
+    with LocalStack(models_dir, keyring_path) as stack:
+        report = asyncio.run(send_traffic(stack.gateway_target, examples, concurrency=1))
+        forced = examples[: max(50, requests // 10)]
+        hinted = asyncio.run(send_traffic(stack.gateway_target, forced, concurrency=1, hint="cloud"))
     print(f"end to end through the gateway, sequential single-row requests ({len(report.outcomes)} auto, {len(hinted.outcomes)} forced to cloud):")
     print(f"{'path':<28}{'rows':>7}{'p50 ms':>9}{'p99 ms':>9}")
     paths = {

@@ -84,6 +84,38 @@ def wait_serving(target: str, timeout_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+class LocalStack:
+    """Cloud and gateway processes on loopback, wired together; exit codes are set once stopped."""
+
+    def __init__(self, models_dir: Path, keyring_path: Path) -> None:
+        self._common = ["--models", str(models_dir), "--keyring", str(keyring_path)]
+        self.cloud_target = ""
+        self.gateway_target = ""
+        self.exit_codes: dict[str, int] = {}
+        self._processes: dict[str, ServerProcess] = {}
+
+    def __enter__(self) -> LocalStack:
+        try:
+            cloud = self._processes["cloud"] = ServerProcess(["cloud", *self._common])
+            gateway = self._processes["gateway"] = ServerProcess(["gateway", *self._common, "--cloud", cloud.target])
+            wait_serving(cloud.target)
+            wait_serving(gateway.target)
+        except BaseException:
+            self._stop()
+            raise
+        self.cloud_target, self.gateway_target = cloud.target, gateway.target
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        # The gateway first, so it never sees its cloud vanish mid-drain.
+        for name in ("gateway", "cloud"):
+            if name in self._processes:
+                self.exit_codes[name] = self._processes.pop(name).stop()
+
+
 @dataclass
 class DemoOptions:
     models_dir: Path
@@ -224,19 +256,9 @@ def run_demo(options: DemoOptions) -> int:
         f"traffic: {len(examples)} requests over {len(heldout)} held-out rows of "
         f"{manifest.data.get('source')}, task {manifest.task}"
     )
-    common = ["--models", str(options.models_dir), "--keyring", str(options.keyring_path)]
-    cloud = ServerProcess(["cloud", *common])
-    try:
-        gateway = ServerProcess(["gateway", *common, "--cloud", cloud.target])
-        try:
-            wait_serving(cloud.target)
-            wait_serving(gateway.target)
-            print(f"servers: cloud on {cloud.target}, gateway on {gateway.target}")
-            report = asyncio.run(send_traffic(gateway.target, examples, options.concurrency))
-        finally:
-            gateway_rc = gateway.stop()
-    finally:
-        cloud_rc = cloud.stop()
+    with LocalStack(options.models_dir, options.keyring_path) as stack:
+        print(f"servers: cloud on {stack.cloud_target}, gateway on {stack.gateway_target}")
+        report = asyncio.run(send_traffic(stack.gateway_target, examples, options.concurrency))
     print(format_summary(report))
-    print(f"servers stopped (gateway exit {gateway_rc}, cloud exit {cloud_rc})")
+    print(f"servers stopped (gateway exit {stack.exit_codes['gateway']}, cloud exit {stack.exit_codes['cloud']})")
     return 0 if report.outcomes and not report.errors else 1
