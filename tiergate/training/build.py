@@ -78,9 +78,13 @@ def default_config(real_data: bool) -> BuildConfig:
                 EdgeConfig(name="ngram-mlp-2^17x128", n_buckets=2**17, dim=128, hidden=256),
             ),
         )
+    # On the synthetic demo catalogue edge and cloud tie, so a quality floor would never escalate;
+    # a fixed escalation rate makes `make run` exercise the whole tier chain.
     return BuildConfig(
         cloud=CloudConfig(kind="minilm", max_length=24, epochs=1, batch_size=32, lr=1e-4, head_lr=3e-3),
         edge_candidates=(EdgeConfig(name="ngram-mlp-2^16x32", n_buckets=2**16, dim=32, hidden=128, epochs=10),),
+        target_quality=None,
+        target_escalation=0.10,
     )
 
 
