@@ -11,14 +11,19 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None:
+def run_cli(*args: str) -> str:
+    """Run `tiergate ARGS` in a fresh process; return its stdout, failing with its output on a non-zero exit."""
     done = subprocess.run(
-        [sys.executable, "-m", "tiergate.cli", "--log-level", "warning", "demo", "--models", str(tiny_models),
-         "--keyring", str(keyring_path), "--requests", "150", "--concurrency", "4"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "tiergate.cli", "--log-level", "warning", *args], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+    return done.stdout
+
+
+def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None:
+    out = run_cli(
+        "demo", "--models", str(tiny_models), "--keyring", str(keyring_path), "--requests", "150", "--concurrency", "4"
+    )
     assert "=== Tiergate demo summary ===" in out
     assert "errors: none" in out
     assert "answered at edge" in out and "escalations" in out
@@ -29,13 +34,7 @@ def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None
 
 
 def test_bench_prints_setup_models_and_tier_paths(tiny_models: Path, keyring_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tiergate.cli", "--log-level", "warning", "bench", "--models", str(tiny_models),
-         "--keyring", str(keyring_path), "--calls", "40", "--requests", "60"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+    out = run_cli("bench", "--models", str(tiny_models), "--keyring", str(keyring_path), "--calls", "40", "--requests", "60")
     assert "setup:" in out and "onnxruntime" in out
     for row in ("edge int8", "edge qdq", "edge fp32", "cloud fp32", "cloud (client hint)"):
         assert row in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -215,16 +216,35 @@ async def test_cloud_rejects_unsealed_and_foreign_envelopes(stack: Stack) -> Non
         assert "unknown key id" in (caught.value.details() or "")
 
 
-async def test_graceful_stop_marks_not_serving(tiny_models: Path, keyring_path: Path) -> None:
+async def test_draining_refuses_new_inference(tiny_models: Path, keyring_path: Path) -> None:
     stack = await start_stack(tiny_models, keyring_path)
-    health = health_pb2_grpc.HealthStub(stack.channel)
-    await stack.gateway.managed.health.set("", health_pb2.HealthCheckResponse.SERVING)
-    stack.gateway.servicer.draining = True
-    assert not (await stack.stub.ServerReady(pb.ServerReadyRequest())).ready
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stack.stub.ModelInfer(infer_request(["milk"]))
-    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    await stop_stack(stack)
+    try:
+        stack.gateway.servicer.draining = True
+        assert not (await stack.stub.ServerReady(pb.ServerReadyRequest())).ready
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.ModelInfer(infer_request(["milk"]))
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (caught.value.details() or "")
+    finally:
+        await stop_stack(stack)
+
+
+async def test_stop_turns_health_not_serving_before_closing(tiny_models: Path, keyring_path: Path) -> None:
+    stack = await start_stack(tiny_models, keyring_path)
+    watch = health_pb2_grpc.HealthStub(stack.channel).Watch(
+        health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+    )
+    try:
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(stack.gateway.stop(1.0))
+        # Balancers watching health see NOT_SERVING while the server drains.
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping
+    finally:
+        watch.cancel()
+        await stack.channel.close()
+        assert stack.cloud is not None
+        await stack.cloud.stop(0)
 
 
 async def test_renamed_model_reaches_a_cloud_configured_alike(tiny_models: Path, keyring_path: Path) -> None:

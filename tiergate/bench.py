@@ -6,10 +6,6 @@ import asyncio
 import itertools
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime
@@ -19,32 +15,7 @@ from edge_runtime.model import EdgeModel
 from tiergate.demo import LocalStack, ensure_models, send_traffic
 from tiergate.envelope import Keyring
 from tiergate.manifest import load_manifest
-
-
-@dataclass(frozen=True)
-class Timing:
-    p50_ms: float
-    p99_ms: float
-    rows_per_s: float
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def time_calls(predict: Callable[[Sequence[str]], object], texts: Sequence[str], batch: int, calls: int) -> Timing:
-    """Time `calls` predictions of `batch` rows each (after a warm-up), preprocessing included."""
-    stream = itertools.cycle(texts)
-    batches = [[next(stream) for _ in range(batch)] for _ in range(calls)]
-    for warm in batches[: max(1, calls // 20)]:
-        predict(warm)
-    samples = []
-    for rows in batches:
-        started = time.perf_counter()
-        predict(rows)
-        samples.append((time.perf_counter() - started) * 1000.0)
-    return Timing(_quantile(samples, 0.5), _quantile(samples, 0.99), batch * 1000.0 / statistics.mean(samples))
+from tiergate.measure import Timing, percentile, time_calls
 
 
 def _size_mb(path: Path) -> float:
@@ -103,8 +74,8 @@ def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, reque
     }
     for name, latencies in paths.items():
         if latencies:
-            print(f"{name:<28}{len(latencies):>7}{_quantile(latencies, 0.5):>9.2f}{_quantile(latencies, 0.99):>9.2f}")
+            print(f"{name:<28}{len(latencies):>7}{percentile(latencies, 0.5):>9.2f}{percentile(latencies, 0.99):>9.2f}")
     edge_path, cloud_path = paths["edge (auto)"], paths["cloud (client hint)"]
     if edge_path and cloud_path:
-        print(f"ratio: cloud-path/edge-path p50 {_quantile(cloud_path, 0.5) / _quantile(edge_path, 0.5):.1f}x")
+        print(f"ratio: cloud-path/edge-path p50 {percentile(cloud_path, 0.5) / percentile(edge_path, 0.5):.1f}x")
     return 0 if not report.errors and not hinted.errors else 1

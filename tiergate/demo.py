@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate.envelope import Keyring
 from tiergate.manifest import MANIFEST_NAME, load_manifest
+from tiergate.measure import percentile
 
 MODEL_NAME = "product-category"
 
@@ -200,13 +200,6 @@ async def send_traffic(
     return report
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def format_summary(report: TrafficReport) -> str:
     outcomes = report.outcomes
     total = len(outcomes) + sum(report.errors.values())
@@ -229,12 +222,12 @@ def format_summary(report: TrafficReport) -> str:
         latencies = [o.latency_ms for o in group]
         accuracy = sum(o.correct for o in group) / len(group)
         lines.append(
-            f"{tier:<8}{len(group):>7}{_percentile(latencies, 0.5):>9.2f}{_percentile(latencies, 0.99):>9.2f}{accuracy:>10.3f}"
+            f"{tier:<8}{len(group):>7}{percentile(latencies, 0.5):>9.2f}{percentile(latencies, 0.99):>9.2f}{accuracy:>10.3f}"
         )
     overall = sum(o.correct for o in outcomes) / len(outcomes)
     all_latency = [o.latency_ms for o in outcomes]
     lines.append(
-        f"{'all':<8}{len(outcomes):>7}{_percentile(all_latency, 0.5):>9.2f}{_percentile(all_latency, 0.99):>9.2f}{overall:>10.3f}"
+        f"{'all':<8}{len(outcomes):>7}{percentile(all_latency, 0.5):>9.2f}{percentile(all_latency, 0.99):>9.2f}{overall:>10.3f}"
     )
     return "\n".join(lines)
 

@@ -27,10 +27,10 @@ from tiergate.manifest import (
     EdgeSpec,
     Manifest,
     ManifestError,
-    RoutingSpec,
     artifact,
     write_manifest,
 )
+from tiergate.measure import batch1_latency_ms, batched_logits
 from tiergate.training.data import (
     INSTACART_SOURCE,
     SPLIT_FRACTIONS,
@@ -113,7 +113,7 @@ def load_split_for_manifest(manifest: Manifest, data_dir: Path | None) -> tuple[
         raise ManifestError(f"unknown data source {data['source']!r} in the manifest")
     if catalogue.labels != manifest.labels:
         raise ValueError("the data's labels differ from the manifest's; is this the catalogue the models were built on?")
-    split = grouped_split(catalogue.texts, seed, tuple(data.get("fractions", SPLIT_FRACTIONS)))  # type: ignore[arg-type]
+    split = grouped_split(catalogue.texts, seed, tuple(data.get("fractions", SPLIT_FRACTIONS)))
     if split.sizes() != data.get("sizes", split.sizes()):
         raise ValueError(
             f"re-derived split sizes {split.sizes()} differ from the build's {data.get('sizes')}; "
@@ -130,23 +130,6 @@ def heldout_examples(model_dir: Path, data_dir: Path | None = None, limit: int |
     catalogue, split = load_split_for_manifest(manifest, data_dir)
     rows = [(catalogue.texts[i], catalogue.labels[int(catalogue.y[i])]) for i in split.test]
     return rows if limit is None else rows[:limit]
-
-
-def _latency_ms(model: Any, texts: list[str], samples: int) -> dict[str, float]:
-    """Batch-1 latency (featurize + run) percentiles over ``samples`` calls."""
-    timings = []
-    for i in range(samples):
-        text = [texts[i % len(texts)]]
-        start = time.perf_counter()
-        model.logits(text)
-        timings.append(time.perf_counter() - start)
-    ms = np.array(timings) * 1e3
-    return {"p50": round(float(np.percentile(ms, 50)), 4), "p99": round(float(np.percentile(ms, 99)), 4)}
-
-
-def _batched_logits(model: Any, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    chunks = [model.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.labels)), dtype=np.float32)
 
 
 def _escalation_at_floor(
@@ -203,8 +186,8 @@ def build_from_catalogue(
         cloud_onnx, tokenizer_path, catalogue.labels, config.cloud.max_length, intra_op_threads=2
     )
     t0 = time.perf_counter()
-    teacher_train = _batched_logits(cloud, train.texts)
-    cloud_val = _batched_logits(cloud, val.texts)
+    teacher_train = batched_logits(cloud, train.texts)
+    cloud_val = batched_logits(cloud, val.texts)
     timings["cloud_soft_labels_s"] = round(time.perf_counter() - t0, 1)
     cloud_right_val = cloud_val.argmax(1) == val.y
     cloud_temperature = fit_temperature(cloud_val, val.y)
@@ -232,11 +215,11 @@ def build_from_catalogue(
         measured: dict[str, dict[str, Any]] = {}
         for variant, path in variants.items():
             model = EdgeModel.from_files(path, featurizer.config(), catalogue.labels)
-            logits = _batched_logits(model, val.texts)
+            logits = batched_logits(model, val.texts)
             measured[variant] = {
                 "validation_accuracy": round(float((logits.argmax(1) == val.y).mean()), 4),
                 "bytes": path.stat().st_size,
-                "batch1_latency_ms": _latency_ms(model, val.texts, config.latency_samples),
+                "batch1_latency_ms": batch1_latency_ms(model, val.texts, config.latency_samples),
                 "logits": logits,
             }
             model.close()
@@ -312,11 +295,11 @@ def build_from_catalogue(
     # Held-out test metrics through the runtime (reporting only: nothing above saw the test split).
     edge_runtime_model = EdgeModel.from_files(served_path, chosen["_featurizer"], catalogue.labels, signal, edge_temperature)
     edge_fp32_model = EdgeModel.from_files(fp32_path, chosen["_featurizer"], catalogue.labels, signal, edge_temperature)
-    edge_test = _batched_logits(edge_runtime_model, test.texts)
-    edge_fp32_test = _batched_logits(edge_fp32_model, test.texts)
-    cloud_test = _batched_logits(cloud, test.texts)
-    edge_latency = _latency_ms(edge_runtime_model, test.texts or val.texts, config.latency_samples)
-    cloud_latency = _latency_ms(cloud, test.texts or val.texts, min(config.latency_samples, 200))
+    edge_test = batched_logits(edge_runtime_model, test.texts)
+    edge_fp32_test = batched_logits(edge_fp32_model, test.texts)
+    cloud_test = batched_logits(cloud, test.texts)
+    edge_latency = batch1_latency_ms(edge_runtime_model, test.texts or val.texts, config.latency_samples)
+    cloud_latency = batch1_latency_ms(cloud, test.texts or val.texts, min(config.latency_samples, 200))
     edge_runtime_model.close()
     edge_fp32_model.close()
     cloud.close()

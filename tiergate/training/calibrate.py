@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from tiergate.manifest import RoutingSpec, load_manifest, with_routing, write_manifest
+from tiergate.measure import batched_logits
 from tiergate.scoring import SIGNALS, confidence_from_probs, softmax
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def calibrate(
     cloud = CloudModel.load(model_dir, manifest)
     try:
         edge_scored = edge.predict(val.texts)
-        cloud_labels = _batched_labels(cloud, val.texts)
+        cloud_labels = batched_logits(cloud, val.texts).argmax(1)
     finally:
         edge.close()
         cloud.close()
@@ -209,7 +210,4 @@ def calibrate(
     return routing
 
 
-def _batched_labels(model: Any, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """Arg-max labels of a runtime model over ``texts`` in batches."""
-    out = [model.predict(texts[i : i + batch_size]).label_index for i in range(0, len(texts), batch_size)]
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+#END

@@ -13,14 +13,10 @@ import numpy as np
 
 from cloud_runtime.model import CloudModel
 from tiergate.manifest import load_manifest, write_manifest
+from tiergate.measure import batched_logits
 from tiergate.scoring import SIGNALS, score
 
 logger = logging.getLogger(__name__)
-
-
-def _logits(model: CloudModel, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    chunks = [model.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    return np.concatenate(chunks)
 
 
 def truncated_minilm_alternative(
@@ -57,8 +53,8 @@ def truncated_minilm_alternative(
     train, val = catalogue.subset(split.train), catalogue.subset(split.validation)
     teacher = CloudModel.load(model_dir, manifest, intra_op_threads=2)
     t0 = time.perf_counter()
-    teacher_train = _logits(teacher, train.texts)
-    cloud_right_val = _logits(teacher, val.texts).argmax(1) == val.y
+    teacher_train = batched_logits(teacher, train.texts)
+    cloud_right_val = batched_logits(teacher, val.texts).argmax(1) == val.y
     teacher.close()
     teacher_s = time.perf_counter() - t0
 
@@ -105,7 +101,7 @@ def truncated_minilm_alternative(
     measured: dict[str, Any] = {}
     for name, path in (("fp32", fp32), ("dynamic_per_channel", int8)):
         model = CloudModel.from_files(path, tok_path, catalogue.labels, max_length)
-        logits = _logits(model, val.texts)
+        logits = batched_logits(model, val.texts)
         timings = []
         for i in range(200):
             s = time.perf_counter()

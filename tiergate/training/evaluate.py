@@ -13,6 +13,7 @@ import numpy as np
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
 from tiergate.manifest import Manifest, load_manifest
+from tiergate.measure import batch1_latency_ms, batched_logits
 from tiergate.scoring import SIGNALS, score
 from tiergate.training.calibrate import auroc, cascade_curve
 from tiergate.training.data import load_bigbasket_departments
@@ -26,25 +27,6 @@ REPORT_PNG = "report.png"
 BASELINE_TFIDF_SVM = {"aisle": 0.787, "department": 0.867}
 QUALITY_FLOOR = 0.99
 MAX_ESCALATION = 0.15
-
-
-def _logits(model: EdgeModel | CloudModel, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    chunks = [model.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(model.labels)), dtype=np.float32)
-
-
-def _latency(model: EdgeModel | CloudModel, texts: list[str], samples: int) -> dict[str, float]:
-    timings = []
-    for i in range(samples):
-        start = time.perf_counter()
-        model.logits([texts[i % len(texts)]])
-        timings.append(time.perf_counter() - start)
-    ms = np.array(timings) * 1e3
-    return {
-        "p50": round(float(np.percentile(ms, 50)), 4),
-        "p99": round(float(np.percentile(ms, 99)), 4),
-        "samples": samples,
-    }
 
 
 def _macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -136,15 +118,15 @@ def evaluate(
     cloud = CloudModel.load(model_dir, manifest)
     try:
         started = time.perf_counter()
-        edge_logits = _logits(edge, test.texts)
-        fp32_logits = _logits(edge_fp32, test.texts)
-        qdq_logits = _logits(edge_qdq, test.texts)
-        cloud_logits = _logits(cloud, test.texts)
+        edge_logits = batched_logits(edge, test.texts)
+        fp32_logits = batched_logits(edge_fp32, test.texts)
+        qdq_logits = batched_logits(edge_qdq, test.texts)
+        cloud_logits = batched_logits(cloud, test.texts)
         logger.info("scored %d test rows in %.1f s", len(test), time.perf_counter() - started)
         latency = {
-            "edge_int8_batch1_ms_with_featurize": _latency(edge, test.texts, latency_samples),
-            "edge_fp32_batch1_ms_with_featurize": _latency(edge_fp32, test.texts, latency_samples),
-            "cloud_fp32_batch1_ms_with_tokenize": _latency(cloud, test.texts, max(20, latency_samples // 5)),
+            "edge_int8_batch1_ms_with_featurize": batch1_latency_ms(edge, test.texts, latency_samples),
+            "edge_fp32_batch1_ms_with_featurize": batch1_latency_ms(edge_fp32, test.texts, latency_samples),
+            "cloud_fp32_batch1_ms_with_tokenize": batch1_latency_ms(cloud, test.texts, max(20, latency_samples // 5)),
         }
         parents = manifest.data.get("label_parents") or {label: label for label in manifest.labels}
         groups = sorted(set(parents.values()))
@@ -187,7 +169,7 @@ def evaluate(
             known = [i for i, d in enumerate(departments) if d in groups]
             texts = [texts[i] for i in known]
             gold = np.array([groups.index(departments[i]) for i in known], dtype=np.int64)
-            report["bigbasket_departments"] = _section(_logits(edge, texts), _logits(cloud, texts), gold, manifest, to_group)
+            report["bigbasket_departments"] = _section(batched_logits(edge, texts), batched_logits(cloud, texts), gold, manifest, to_group)
     finally:
         for model in (edge, edge_fp32, edge_qdq, cloud):
             model.close()
