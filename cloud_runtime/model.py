@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from tiergate.manifest import Manifest, load_manifest
+from tiergate.manifest import CLOUD_ROLES, Manifest, load_manifest
 from tiergate.onnx_session import cpu_session
 from tiergate.scoring import Scored, score
 
@@ -103,7 +103,7 @@ class CloudModel:
     def load(cls, model_dir: Path, manifest: Manifest | None = None, intra_op_threads: int = 1) -> CloudModel:
         """Load the cloud model of ``model_dir`` (checksums verified when the manifest is read here)."""
         if manifest is None:
-            manifest = load_manifest(model_dir)
+            manifest = load_manifest(model_dir, roles=CLOUD_ROLES)
         spec = manifest.cloud
         return cls.from_files(
             Path(model_dir) / spec.onnx.path,

@@ -8,7 +8,7 @@ from cloud_runtime.model import CloudModel
 from cloud_runtime.servicer import CloudInferenceServicer
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.envelope import Keyring, Sealer
-from tiergate.manifest import load_manifest
+from tiergate.manifest import CLOUD_ROLES, load_manifest
 from tiergate.rpc import ManagedServer
 from tiergate.settings import CloudSettings
 
@@ -22,7 +22,7 @@ class CloudServer:
 
     def __init__(self, settings: CloudSettings, keyring: Keyring) -> None:
         self.settings = settings
-        manifest = load_manifest(settings.models_dir)
+        manifest = load_manifest(settings.models_dir, roles=CLOUD_ROLES)
         model = CloudModel.load(settings.models_dir, manifest, intra_op_threads=settings.intra_op_threads)
         self.servicer = CloudInferenceServicer(
             model,

@@ -11,13 +11,13 @@ import numpy as np
 
 from edge_runtime.backend import EdgeBackend
 from edge_runtime.featurize import HashedNgramFeaturizer
-from tiergate.manifest import Manifest, load_manifest
+from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.scoring import Scored, score
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "tensorrt")
-VARIANTS = ("int8", "fp32", "qdq")
+VARIANTS = tuple(EDGE_VARIANT_ROLES)
 
 
 class EdgeModel:
@@ -57,9 +57,9 @@ class EdgeModel:
                 "(TensorRT needs an NVIDIA GPU with the tensorrt and pycuda packages)"
             )
         if manifest is None:
-            manifest = load_manifest(model_dir)
+            manifest = load_manifest(model_dir, roles=[EDGE_VARIANT_ROLES[variant]])
         spec = manifest.edge
-        artifact = {"int8": spec.onnx, "fp32": spec.fp32_onnx, "qdq": spec.qdq_onnx}[variant]
+        artifact = manifest.artifact_files()[EDGE_VARIANT_ROLES[variant]]
         return cls.from_files(
             Path(model_dir) / artifact.path,
             featurizer_config=spec.featurizer,

@@ -14,7 +14,7 @@ from gateway.servicer import InferenceServicer, TieredModel
 from gateway.tiers import EdgeTier, Tier
 from proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from tiergate.envelope import Keyring, Sealer
-from tiergate.manifest import Manifest, load_manifest
+from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.rpc import ManagedServer
 from tiergate.settings import GatewaySettings
 
@@ -68,7 +68,8 @@ class GatewayServer:
 
     def __init__(self, settings: GatewaySettings, keyring: Keyring | None) -> None:
         self.settings = settings
-        manifest = load_manifest(settings.models_dir)
+        roles = [EDGE_VARIANT_ROLES["int8"]] if "edge" in settings.chain else []
+        manifest = load_manifest(settings.models_dir, roles=roles)
         self.tiers = build_tiers(settings, manifest, keyring)
         cascade = Cascade(self.tiers, routing_policy(settings, manifest))
         model = TieredModel(settings.model_name, manifest.version, cascade)

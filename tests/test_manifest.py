@@ -128,3 +128,22 @@ def test_with_routing_replaces_only_routing(tmp_path: Path) -> None:
 
 def test_manifest_error_is_a_value_error() -> None:
     assert issubclass(ManifestError, ValueError)
+
+
+def test_roles_limit_verification_to_what_a_process_loads(tiny_models: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tiergate.manifest import CLOUD_ROLES, EDGE_VARIANT_ROLES
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    manifest = load_manifest(models)
+    (models / manifest.cloud.onnx.path).unlink()
+    # An edge host holding only the edge files verifies fine; anything that loads the cloud model fails.
+    assert load_manifest(models, roles=[EDGE_VARIANT_ROLES["int8"]]) == manifest
+    with pytest.raises(ManifestError, match=r"cloud\.onnx"):
+        load_manifest(models, roles=CLOUD_ROLES)
+    with pytest.raises(ManifestError):
+        load_manifest(models)
+    with pytest.raises(ValueError, match="unknown artifact roles"):
+        load_manifest(models, roles=["edge.onx"])

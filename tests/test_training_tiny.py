@@ -105,16 +105,21 @@ def test_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
     assert again.metrics["test"] == first.metrics["test"]
 
 
-def test_corrupted_file_is_caught(tiny_dir: Path, tmp_path: Path) -> None:
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_file_is_caught_by_the_runtime_that_loads_it(tiny_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_dir, copy)
     manifest = load_manifest(copy)
-    target = copy / manifest.edge.onnx.path
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    target.write_bytes(bytes(data))
+    _flip_a_byte(copy / manifest.edge.onnx.path)
     with pytest.raises(ManifestError, match="corrupt"):
         EdgeModel.load(copy)
+    CloudModel.load(copy).close()  # the cloud never loads the edge file
+    _flip_a_byte(copy / manifest.cloud.onnx.path)
     with pytest.raises(ManifestError, match="corrupt"):
         CloudModel.load(copy)
 

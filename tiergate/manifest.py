@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,10 +159,21 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     return dataclasses.asdict(manifest)
 
 
-def verify_files(model_dir: Path, manifest: Manifest) -> None:
-    """Check that every file the manifest names exists and has the recorded sha256."""
+# The files each runtime loads, by role: a process verifies what it serves, not the whole set.
+CLOUD_ROLES = ("cloud.onnx", "cloud.tokenizer")
+EDGE_VARIANT_ROLES = {"int8": "edge.onnx", "fp32": "edge.fp32_onnx", "qdq": "edge.qdq_onnx"}
+
+
+def verify_files(model_dir: Path, manifest: Manifest, roles: Collection[str] | None = None) -> None:
+    """Check that the files the manifest names (only `roles`, if given) exist and have the recorded sha256."""
     root = Path(model_dir).resolve()
-    for role, item in manifest.artifact_files().items():
+    files = manifest.artifact_files()
+    unknown = set(roles or ()) - set(files)
+    if unknown:
+        raise ValueError(f"unknown artifact roles {sorted(unknown)}; known: {sorted(files)}")
+    for role, item in files.items():
+        if roles is not None and role not in roles:
+            continue
         candidate = (root / item.path).resolve()
         if root not in candidate.parents:
             raise ManifestError(f"manifest entry {role} points outside the model directory: {item.path!r}")
@@ -178,8 +190,8 @@ def verify_files(model_dir: Path, manifest: Manifest) -> None:
             )
 
 
-def load_manifest(model_dir: Path, verify: bool = True) -> Manifest:
-    """Read ``model_dir/manifest.json``; with ``verify`` also check every file's sha256."""
+def load_manifest(model_dir: Path, verify: bool = True, roles: Collection[str] | None = None) -> Manifest:
+    """Read ``model_dir/manifest.json``; with ``verify`` also check the sha256 of every file, or of ``roles`` only."""
     path = Path(model_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(
@@ -193,7 +205,7 @@ def load_manifest(model_dir: Path, verify: bool = True) -> Manifest:
         raise ManifestError(f"{path.name} in {model_dir} must hold a JSON object; rebuild the models")
     manifest = manifest_from_dict(raw)
     if verify:
-        verify_files(model_dir, manifest)
+        verify_files(model_dir, manifest, roles)
     logger.debug("loaded manifest %s version %s", path, manifest.version)
     return manifest
 
