@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from edge_runtime.featurize import HashedNgramFeaturizer
 from tiergate.manifest import CLOUD_ROLES, Manifest, load_manifest
 from tiergate.onnx_session import cpu_session
 from tiergate.scoring import Scored, score
@@ -47,8 +49,17 @@ def encode_batch(tokenizer: Tokenizer, texts: Sequence[str], pad_id: int) -> tup
     return input_ids, mask
 
 
+TOKEN_INPUTS = frozenset({"input_ids", "attention_mask"})
+NGRAM_INPUT = "ngram_ids"
+
+
 class CloudModel:
-    """Tokenizes with ``tokenizers`` and runs the ONNX classifier (input_ids, attention_mask -> logits)."""
+    """Tokenizes with ``tokenizers`` and runs the ONNX classifier (input_ids, attention_mask -> logits).
+
+    A graph with a lexical branch also takes ``ngram_ids`` from the hashed n-gram featurizer the
+    manifest describes, and has extra outputs (``deep_logits``, ``lexical_logits``) that
+    ``components`` returns for evaluation.
+    """
 
     def __init__(
         self,
@@ -58,6 +69,7 @@ class CloudModel:
         tokenizer: Tokenizer,
         session: ort.InferenceSession,
         max_length: int,
+        featurizer: HashedNgramFeaturizer | None = None,
     ) -> None:
         self.labels = labels
         self.signal = signal
@@ -66,6 +78,8 @@ class CloudModel:
         self._tokenizer = tokenizer
         self._session: ort.InferenceSession | None = session
         self._pad_id = prepare_tokenizer(tokenizer, max_length)
+        self._featurizer = featurizer
+        self.outputs = [o.name for o in session.get_outputs()]
 
     @classmethod
     def from_files(
@@ -77,6 +91,7 @@ class CloudModel:
         signal: str = "max_prob",
         temperature: float = 1.0,
         intra_op_threads: int = 1,
+        featurizer_config: dict[str, Any] | None = None,
     ) -> CloudModel:
         """Load from explicit files (the build uses this before a manifest exists)."""
         if not Path(tokenizer_path).is_file():
@@ -85,9 +100,16 @@ class CloudModel:
             )
         session = cpu_session(Path(onnx_path), intra_op_threads, "cloud ONNX")
         names = {i.name for i in session.get_inputs()}
-        if names != {"input_ids", "attention_mask"}:
+        if names not in (TOKEN_INPUTS, TOKEN_INPUTS | {NGRAM_INPUT}):
             raise ValueError(
-                f"cloud ONNX model {Path(onnx_path).name} must take input_ids and attention_mask, has {sorted(names)}"
+                f"cloud ONNX model {Path(onnx_path).name} must take input_ids and attention_mask "
+                f"(and optionally {NGRAM_INPUT}), has {sorted(names)}"
+            )
+        if (NGRAM_INPUT in names) != (featurizer_config is not None):
+            raise ValueError(
+                f"cloud ONNX model {Path(onnx_path).name} "
+                + ("takes ngram_ids but the manifest gives no cloud featurizer" if NGRAM_INPUT in names
+                   else "takes no ngram_ids but the manifest gives a cloud featurizer")
             )
         logger.info("cloud model loaded %s (%d intra-op threads)", Path(onnx_path).name, intra_op_threads)
         return cls(
@@ -97,6 +119,7 @@ class CloudModel:
             tokenizer=Tokenizer.from_file(str(tokenizer_path)),
             session=session,
             max_length=max_length,
+            featurizer=None if featurizer_config is None else HashedNgramFeaturizer.from_config(featurizer_config),
         )
 
     @classmethod
@@ -113,23 +136,33 @@ class CloudModel:
             signal=manifest.routing.signal,
             temperature=spec.temperature,
             intra_op_threads=intra_op_threads,
+            featurizer_config=spec.featurizer,
         )
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """int64 input_ids and attention_mask [n, longest in batch], truncated at max_length."""
         return encode_batch(self._tokenizer, texts, self._pad_id)
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 logits [n, K]."""
+    def _run(self, texts: Sequence[str], outputs: list[str]) -> list[np.ndarray]:
         if self._session is None:
             raise RuntimeError("CloudModel is closed")
         if isinstance(texts, str):
-            raise TypeError("logits expects a sequence of strings, not a single string")
+            raise TypeError("expected a sequence of strings, not a single string")
         if len(texts) == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return [np.zeros((0, len(self.labels)), dtype=np.float32) for _ in outputs]
         input_ids, mask = self.encode(texts)
-        (logits,) = self._session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
-        return np.asarray(logits, dtype=np.float32)
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if self._featurizer is not None:
+            feeds[NGRAM_INPUT] = self._featurizer.transform(texts)
+        return [np.asarray(out, dtype=np.float32) for out in self._session.run(outputs, feeds)]
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 logits [n, K]."""
+        return self._run(texts, ["logits"])[0]
+
+    def components(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (logits, and deep_logits / lexical_logits where present)."""
+        return dict(zip(self.outputs, self._run(texts, self.outputs)))
 
     def predict(self, texts: Sequence[str]) -> Scored:
         """Labels and confidence under the manifest's temperature and routing signal."""

@@ -83,8 +83,25 @@ def test_onnx_interfaces(tiny_dir: Path) -> None:
     assert [(i.name, i.type) for i in edge.get_inputs()] == [("ids", "tensor(int32)")]
     assert [o.name for o in edge.get_outputs()] == ["logits"]
     cloud = ort.InferenceSession(str(tiny_dir / manifest.cloud.onnx.path), providers=["CPUExecutionProvider"])
-    assert {(i.name, i.type) for i in cloud.get_inputs()} == {("input_ids", "tensor(int64)"), ("attention_mask", "tensor(int64)")}
-    assert [o.name for o in cloud.get_outputs()] == ["logits"]
+    assert {(i.name, i.type) for i in cloud.get_inputs()} == {
+        ("input_ids", "tensor(int64)"), ("attention_mask", "tensor(int64)"), ("ngram_ids", "tensor(int32)")
+    }
+    assert [o.name for o in cloud.get_outputs()] == ["logits", "deep_logits", "lexical_logits"]
+    assert manifest.cloud.featurizer is not None and manifest.cloud.featurizer["char_ngrams"] == [2, 5]
+
+
+def test_cloud_graph_fuses_its_parts_as_the_manifest_says(tiny_dir: Path) -> None:
+    from tiergate.training.cloud_train import Fusion, fuse
+
+    manifest = load_manifest(tiny_dir)
+    fusion = Fusion(**manifest.cloud.metrics["training"]["fusion"])
+    cloud = CloudModel.load(tiny_dir)
+    try:
+        parts = cloud.components([text for text, _ in tiny_examples()])
+    finally:
+        cloud.close()
+    np.testing.assert_allclose(parts["logits"], fuse(parts["deep_logits"], parts["lexical_logits"], fusion), atol=1e-4)
+    assert fusion.beta == manifest.cloud.metrics["config"]["residual_scale"]
 
 
 def test_tensorrt_backend_is_a_clear_error(tiny_dir: Path) -> None:

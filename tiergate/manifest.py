@@ -44,13 +44,15 @@ class EdgeSpec:
 
 @dataclass(frozen=True)
 class CloudSpec:
-    """The cloud tier: the FP32 ONNX classifier and its ``tokenizers`` tokenizer.json."""
+    """The cloud tier: the FP32 ONNX classifier, its ``tokenizers`` tokenizer.json and, when the graph
+    has a lexical branch, the hashed n-gram featurizer that feeds it."""
 
     onnx: ArtifactFile
     tokenizer: ArtifactFile
     max_length: int
     temperature: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    featurizer: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
                 max_length=int(cloud["max_length"]),
                 temperature=float(cloud["temperature"]),
                 metrics=dict(cloud.get("metrics", {})),
+                featurizer=dict(cloud["featurizer"]) if cloud.get("featurizer") is not None else None,
             ),
             routing=RoutingSpec(
                 signal=str(routing["signal"]),

@@ -39,6 +39,14 @@ def batched_logits(model: LogitsModel, texts: Sequence[str], batch_size: int = 2
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.labels)), dtype=np.float32)
 
 
+def batched_components(model: Any, texts: Sequence[str], batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Every named output of a CloudModel (``components``) over `texts`, `batch_size` rows at a time."""
+    chunks = [model.components(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    if not chunks:
+        return {name: np.zeros((0, len(model.labels)), dtype=np.float32) for name in model.outputs}
+    return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+
 def time_calls(predict: Callable[[Sequence[str]], Any], texts: Sequence[str], batch: int, calls: int) -> Timing:
     """Time `calls` predictions of `batch` rows each (after a warm-up), preprocessing included."""
     stream = itertools.cycle(texts)

@@ -30,7 +30,7 @@ from tiergate.manifest import (
     artifact,
     write_manifest,
 )
-from tiergate.measure import batch1_latency_ms, batched_logits
+from tiergate.measure import batch1_latency_ms, batched_components, batched_logits
 from tiergate.training.data import (
     INSTACART_SOURCE,
     SPLIT_FRACTIONS,
@@ -47,6 +47,8 @@ EDGE_DIR = "edge"
 CLOUD_DIR = "cloud"
 MAX_EDGE_INT8_BYTES = 25 * 1024 * 1024
 MAX_EDGE_P50_MS = 2.0
+# beta of the cloud fusion: the deep model is fine-tuned on top of beta x the lexical branch's margins.
+RESIDUAL_SCALE = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ def default_config(real_data: bool) -> BuildConfig:
 
     if real_data:
         return BuildConfig(
-            cloud=CloudConfig(kind="minilm", max_length=32, epochs=3, batch_size=64, lr=1e-4, head_lr=2e-3),
+            cloud=CloudConfig(kind="minilm", max_length=32, epochs=5, batch_size=64, lr=1e-4, head_lr=2e-3,
+                              label_smoothing=0.1, bf16=True, lexical_buckets=2**18, lexical_max_features=256,
+                              lexical_c=0.5, lexical_folds=4, residual_scale=RESIDUAL_SCALE),
             edge_candidates=(
                 EdgeConfig(name="ngram-mlp-2^18x64", n_buckets=2**18, dim=64, hidden=256),
                 EdgeConfig(name="ngram-mlp-2^17x128", n_buckets=2**17, dim=128, hidden=256),
@@ -81,7 +85,9 @@ def default_config(real_data: bool) -> BuildConfig:
     # On the synthetic demo catalogue edge and cloud tie, so a quality floor would never escalate;
     # a fixed escalation rate makes `make run` exercise the whole tier chain.
     return BuildConfig(
-        cloud=CloudConfig(kind="minilm", max_length=24, epochs=1, batch_size=32, lr=1e-4, head_lr=3e-3),
+        cloud=CloudConfig(kind="minilm", max_length=24, epochs=1, batch_size=32, lr=1e-4, head_lr=3e-3,
+                          label_smoothing=0.1, bf16=True, lexical_buckets=2**16, lexical_max_features=128,
+                          lexical_folds=4, residual_scale=RESIDUAL_SCALE),
         edge_candidates=(EdgeConfig(name="ngram-mlp-2^16x32", n_buckets=2**16, dim=32, hidden=128, epochs=10),),
         target_quality=None,
         target_escalation=0.10,
@@ -132,6 +138,10 @@ def heldout_examples(model_dir: Path, data_dir: Path | None = None, limit: int |
     return rows if limit is None else rows[:limit]
 
 
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return round(float((logits.argmax(1) == y).mean()), 4) if len(y) else 0.0
+
+
 def _escalation_at_floor(
     edge_logits: np.ndarray, temperature: float, y: np.ndarray, cloud_right: np.ndarray, quality: float
 ) -> tuple[float, str]:
@@ -157,7 +167,18 @@ def build_from_catalogue(
     from edge_runtime.model import EdgeModel
     from tiergate.scoring import score
     from tiergate.training.calibrate import fit_temperature, routing_from_predictions, signal_aurocs
-    from tiergate.training.cloud_train import export_cloud_onnx, save_tokenizer, train_cloud
+    from cloud_runtime.model import prepare_tokenizer
+    from tiergate.training.cloud_train import (
+        Fusion,
+        FusedCloudNet,
+        export_cloud_onnx,
+        fit_fusion,
+        fuse,
+        predict_cloud,
+        save_tokenizer,
+        train_cloud,
+    )
+    from tiergate.training.lexical import lexical_featurizer, train_lexical
     from tiergate.training.edge_train import export_edge_onnx, train_edge
     from tiergate.training.quantize import quantize_dynamic_int8, quantize_qdq
 
@@ -173,20 +194,53 @@ def build_from_catalogue(
     logger.info("split %s over %d labels", split.sizes(), n_labels)
     timings: dict[str, float] = {}
 
-    # Cloud: fine-tune, export, then read it back through the serving runtime.
+    # Cloud: the lexical branch (with out-of-fold margins for the training rows), the deep model fine-tuned
+    # as a residual on those margins, their fusion fitted on validation, one ONNX graph, read back
+    # through the serving runtime.
+    cc = config.cloud
+    lexical, oof, val_lexical, prior, val_prior = None, None, None, None, None
+    if cc.lexical_buckets:
+        t0 = time.perf_counter()
+        lexical, oof = train_lexical(
+            train.texts, train.y, n_labels, cc.lexical_buckets, cc.lexical_max_features, cc.lexical_c, cc.lexical_folds
+        )
+        val_lexical = lexical.margins(lexical_featurizer(cc.lexical_buckets, cc.lexical_max_features).transform(val.texts))
+        if cc.residual_scale:
+            prior, val_prior = cc.residual_scale * oof, cc.residual_scale * val_lexical
+        timings["cloud_lexical_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     cloud_net, tokenizer, cloud_info = train_cloud(
-        config.cloud, train.texts, train.y, n_labels, val.texts, val.y, seed=seed, progress=config.progress
+        cc, train.texts, train.y, n_labels, val.texts, val.y, seed=seed, progress=config.progress,
+        prior=prior, val_prior=val_prior,
     )
     timings["cloud_train_s"] = round(time.perf_counter() - t0, 1)
-    cloud_onnx = export_cloud_onnx(cloud_net, out_dir / CLOUD_DIR / "cloud_fp32.onnx")
-    tokenizer_path = save_tokenizer(tokenizer, out_dir / CLOUD_DIR / "tokenizer.json", config.cloud.max_length)
+    fusion: Fusion | None = None
+    if lexical is not None and val_lexical is not None:
+        deep_val = predict_cloud(cloud_net, tokenizer, prepare_tokenizer(tokenizer, cc.max_length), val.texts)
+        fusion = fit_fusion(deep_val, val_lexical, val.y, cc.residual_scale)
+        cloud_info["fusion"] = fusion.as_dict()
+        # With a residual prior the deep part alone is not a classifier; report it with its prior.
+        cloud_info["validation_accuracy_by_part"] = {
+            "deep": _accuracy(deep_val if val_prior is None else deep_val + val_prior, val.y),
+            "lexical": _accuracy(val_lexical, val.y),
+            "fused": _accuracy(fuse(deep_val, val_lexical, fusion), val.y),
+        }
+        cloud_info["lexical_out_of_fold_accuracy"] = _accuracy(oof, train.y) if oof is not None else None
+        cloud_net = FusedCloudNet(cloud_net, lexical, fusion)
+    cloud_onnx = export_cloud_onnx(cloud_net, out_dir / CLOUD_DIR / "cloud_fp32.onnx", ngram_width=cc.lexical_max_features)
+    tokenizer_path = save_tokenizer(tokenizer, out_dir / CLOUD_DIR / "tokenizer.json", cc.max_length)
     del cloud_net
+    cloud_featurizer = lexical.featurizer if lexical is not None else None
     cloud = CloudModel.from_files(
-        cloud_onnx, tokenizer_path, catalogue.labels, config.cloud.max_length, intra_op_threads=2
+        cloud_onnx, tokenizer_path, catalogue.labels, cc.max_length, intra_op_threads=2, featurizer_config=cloud_featurizer
     )
     t0 = time.perf_counter()
-    teacher_train = batched_logits(cloud, train.texts)
+    if fusion is not None and oof is not None:
+        # The lexical branch has memorised the training rows; on them the edge's teacher sees its
+        # out-of-fold margins instead, as it would on rows it never saw.
+        teacher_train = fuse(batched_components(cloud, train.texts)["deep_logits"], oof, fusion)
+    else:
+        teacher_train = batched_logits(cloud, train.texts)
     cloud_val = batched_logits(cloud, val.texts)
     timings["cloud_soft_labels_s"] = round(time.perf_counter() - t0, 1)
     cloud_right_val = cloud_val.argmax(1) == val.y
@@ -378,6 +432,7 @@ def build_from_catalogue(
             max_length=int(config.cloud.max_length),
             temperature=float(cloud_temperature),
             metrics=cloud_metrics,
+            featurizer=cloud_featurizer,
         ),
         routing=routing,
         metrics={"test": test_metrics, "timings_s": timings, "edge_alternatives": alternatives, **config.extra},

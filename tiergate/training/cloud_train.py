@@ -1,4 +1,9 @@
-"""Cloud classifiers (fine-tuned MiniLM, or a tiny stand-in for tests), their training loop and ONNX export."""
+"""Cloud classifiers (fine-tuned MiniLM, or a tiny stand-in for tests), their training loop and ONNX export.
+
+The served cloud model is one ONNX graph: the deep classifier plus, when configured, the lexical branch
+(``tiergate.training.lexical``), fused as ``Fusion`` says. The deep part can be trained as a residual on
+top of the lexical branch's out-of-fold margins, so it learns what character n-grams miss.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,13 @@ class CloudConfig:
     dropout: float = 0.1
     tiny_dim: int = 32
     tiny_vocab: int = 600
+    label_smoothing: float = 0.0
+    bf16: bool = False  # bfloat16 autocast for the training forward pass (fast on CPUs with AVX512-BF16)
+    lexical_buckets: int = 0  # 0: no lexical branch
+    lexical_max_features: int = 256
+    lexical_c: float = 0.5
+    lexical_folds: int = 4
+    residual_scale: float = 0.0  # beta: the deep model trains on top of beta x the lexical margins
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form for the manifest."""
@@ -84,6 +96,80 @@ class TinyCloudNet(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(torch.float32)
         pooled = (self.embedding(input_ids) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return self.head(pooled)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """``fused = alpha * log_softmax(deep + beta * lexical) + (1 - alpha) * log_softmax(gamma * lexical)``."""
+
+    alpha: float = 1.0
+    beta: float = 0.0
+    gamma: float = 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON form for the manifest."""
+        return asdict(self)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def fuse(deep: np.ndarray, lexical: np.ndarray, fusion: Fusion) -> np.ndarray:
+    """The fused logits in numpy, as ``FusedCloudNet`` computes them in the graph."""
+    fused = fusion.alpha * _log_softmax(deep + fusion.beta * lexical)
+    if fusion.alpha < 1.0:
+        fused = fused + (1.0 - fusion.alpha) * _log_softmax(fusion.gamma * lexical)
+    return fused.astype(np.float32)
+
+
+def fit_fusion(deep: np.ndarray, lexical: np.ndarray, y: np.ndarray, beta: float) -> Fusion:
+    """Grid-search alpha and gamma for validation accuracy (ties: lower log-loss); beta is the training's."""
+    best: tuple[float, float, Fusion] | None = None
+    for alpha in np.linspace(0.0, 1.0, 21):
+        for gamma in (1.0, 2.0, 5.0, 10.0, 20.0):
+            fusion = Fusion(alpha=round(float(alpha), 2), beta=beta, gamma=gamma)
+            fused = fuse(deep, lexical, fusion)
+            acc = float((fused.argmax(1) == y).mean())
+            loss = float(-_log_softmax(fused)[np.arange(len(y)), y].mean())
+            if best is None or (acc, -loss) > (best[0], -best[1]):
+                best = (acc, loss, fusion)
+            if alpha == 1.0:
+                break  # gamma does not enter the fusion
+    assert best is not None
+    return best[2]
+
+
+class FusedCloudNet(nn.Module):
+    """The deep classifier and the lexical branch in one graph: logits, deep_logits, lexical_logits.
+
+    Inputs: input_ids, attention_mask (the tokenizer's) and ngram_ids (the lexical featurizer's,
+    0 = padding). The lexical part is the TF-IDF sum of ``tiergate.training.lexical`` as Gather + MatMul.
+    """
+
+    def __init__(self, deep: nn.Module, lexical: Any, fusion: Fusion) -> None:
+        super().__init__()
+        self.deep = deep
+        self.fusion = fusion
+        self.register_buffer("idf", torch.from_numpy(np.asarray(lexical.idf, dtype=np.float32)))
+        self.register_buffer("intercept", torch.from_numpy(np.asarray(lexical.intercept, dtype=np.float32)))
+        self.coef = nn.Embedding.from_pretrained(torch.from_numpy(np.asarray(lexical.coef, dtype=np.float32)))
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ngram_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (fused logits, deep logits, lexical margins), each [n, K]."""
+        deep = self.deep(input_ids, attention_mask)
+        ids = ngram_ids.long()
+        weights = self.idf[ids]
+        weights = weights / weights.pow(2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
+        lexical = torch.bmm(weights.unsqueeze(1), self.coef(ids)).squeeze(1) + self.intercept
+        f = self.fusion
+        fused = f.alpha * torch.log_softmax(deep + f.beta * lexical, dim=1)
+        if f.alpha < 1.0:
+            fused = fused + (1.0 - f.alpha) * torch.log_softmax(f.gamma * lexical, dim=1)
+        return fused, deep, lexical
 
 
 def minilm_tokenizer() -> Tokenizer:
@@ -171,8 +257,14 @@ def train_cloud(
     val_y: np.ndarray,
     seed: int = 0,
     progress: bool = True,
+    prior: np.ndarray | None = None,
+    val_prior: np.ndarray | None = None,
 ) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """Fine-tune the cloud classifier; keeps the epoch with the best validation accuracy."""
+    """Fine-tune the cloud classifier; keeps the epoch with the best validation accuracy.
+
+    ``prior`` (per training row) and ``val_prior`` (per validation row) are logits added to the model's
+    own during training and validation: the deep model then learns a residual on top of them.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if config.kind == "minilm":
@@ -202,6 +294,7 @@ def train_cloud(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     y_t = torch.from_numpy(y.astype(np.int64))
+    prior_t = None if prior is None else torch.from_numpy(np.asarray(prior, dtype=np.float32))
     best_acc, best_state, best_epoch, history = -1.0, None, 0, []
     started = time.perf_counter()
     for epoch in range(config.epochs):
@@ -210,15 +303,23 @@ def train_cloud(
         bar = tqdm(batches, desc=f"cloud {config.kind} epoch {epoch + 1}/{config.epochs}", disable=not progress)
         for index in bar:
             ids, mask = encode_batch(tokenizer, [texts[i] for i in index], pad_id)
-            logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
-            loss = nn.functional.cross_entropy(logits, y_t[torch.from_numpy(index)])
+            rows = torch.from_numpy(index)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
+            logits = logits.float() if prior_t is None else logits.float() + prior_t[rows]
+            loss = nn.functional.cross_entropy(logits, y_t[rows], label_smoothing=config.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        acc = float((predict_cloud(model, tokenizer, pad_id, val_texts).argmax(1) == val_y).mean()) if len(val_y) else 0.0
+        acc = 0.0
+        if len(val_y):
+            val_logits = predict_cloud(model, tokenizer, pad_id, val_texts)
+            if val_prior is not None:
+                val_logits = val_logits + val_prior
+            acc = float((val_logits.argmax(1) == val_y).mean())
         history.append(round(acc, 4))
         logger.info("cloud %s epoch %d validation accuracy %.4f", config.kind, epoch + 1, acc)
         if acc > best_acc:
@@ -234,23 +335,36 @@ def train_cloud(
         "history": history,
         "train_rows": len(texts),
         "torch_threads": torch.get_num_threads(),
+        "bf16_autocast": config.bf16,
     }
     return model, tokenizer, info
 
 
-def export_cloud_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
-    """Single-file FP32 ONNX: input_ids, attention_mask int64 [batch, seq] -> logits."""
+def export_cloud_onnx(model: nn.Module, path: Path, opset: int = 17, ngram_width: int = 8) -> Path:
+    """Single-file FP32 ONNX: input_ids, attention_mask int64 [batch, seq] -> logits.
+
+    A ``FusedCloudNet`` also takes ngram_ids int32 [batch, width] and also outputs deep_logits and
+    lexical_logits (for the evaluation's ablation; the runtime serves ``logits``).
+    """
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     ids = torch.ones((2, 8), dtype=torch.int64)
     mask = torch.ones((2, 8), dtype=torch.int64)
+    inputs: tuple[torch.Tensor, ...] = (ids, mask)
+    input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    if isinstance(model, FusedCloudNet):
+        inputs += (torch.ones((2, ngram_width), dtype=torch.int32),)
+        input_names.append("ngram_ids")
+        output_names += ["deep_logits", "lexical_logits"]
+        axes.update({"ngram_ids": {0: "batch"}, "deep_logits": {0: "batch"}, "lexical_logits": {0: "batch"}})
     torch.onnx.export(
         model,
-        (ids, mask),
+        inputs,
         str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}},
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=axes,
         opset_version=opset,
         dynamo=False,
     )

@@ -13,7 +13,7 @@ import numpy as np
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
 from tiergate.manifest import Manifest, load_manifest
-from tiergate.measure import batch1_latency_ms, batched_logits
+from tiergate.measure import batch1_latency_ms, batched_components, batched_logits
 from tiergate.scoring import SIGNALS, score
 from tiergate.training.calibrate import auroc, cascade_curve
 from tiergate.training.data import load_bigbasket_departments
@@ -37,6 +37,20 @@ def _macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
         fn = float(np.sum((pred != label) & (gold == label)))
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores)) if scores else 0.0
+
+
+def tfidf_svm_baseline(train_texts: list[str], train_y: np.ndarray, test_texts: list[str]) -> np.ndarray:
+    """Predicted label indices of the reference model (TF-IDF word 1-2 + char_wb 2-5 grams, LinearSVC C=0.5),
+    trained on ``train_texts``: the baseline measured on the same split as the models."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.svm import LinearSVC
+
+    features = make_union(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
+    )
+    return np.asarray(make_pipeline(features, LinearSVC(C=0.5, random_state=0)).fit(train_texts, train_y).predict(test_texts))
 
 
 def _curve_points(confidence: np.ndarray, edge_right: np.ndarray, cloud_right: np.ndarray, points: int = 101) -> dict[str, list[float]]:
@@ -112,6 +126,7 @@ def evaluate(
     manifest = load_manifest(model_dir)
     catalogue, split = load_split_for_manifest(manifest, data_dir)
     test = catalogue.subset(split.test)
+    train = catalogue.subset(split.train)
     edge = EdgeModel.load(model_dir, manifest)
     edge_fp32 = EdgeModel.load(model_dir, manifest, variant="fp32")
     edge_qdq = EdgeModel.load(model_dir, manifest, variant="qdq")
@@ -121,7 +136,8 @@ def evaluate(
         edge_logits = batched_logits(edge, test.texts)
         fp32_logits = batched_logits(edge_fp32, test.texts)
         qdq_logits = batched_logits(edge_qdq, test.texts)
-        cloud_logits = batched_logits(cloud, test.texts)
+        cloud_parts = batched_components(cloud, test.texts)
+        cloud_logits = cloud_parts["logits"]
         logger.info("scored %d test rows in %.1f s", len(test), time.perf_counter() - started)
         latency = {
             "edge_int8_batch1_ms_with_featurize": batch1_latency_ms(edge, test.texts, latency_samples),
@@ -157,10 +173,22 @@ def evaluate(
             "edge_alternatives": manifest.metrics.get("edge_alternatives", []),
             "build_timings_s": manifest.metrics.get("timings_s", {}),
             "cloud_training": manifest.cloud.metrics.get("training", {}),
+            "cloud_parts_test_accuracy": {
+                name: round(float((logits.argmax(1) == test.y).mean()), 4) for name, logits in cloud_parts.items()
+            },
+            "cloud_fusion": manifest.cloud.metrics.get("training", {}).get("fusion"),
             "baseline_tfidf_svm": BASELINE_TFIDF_SVM if manifest.data["source"] == "instacart-products" else None,
+        }
+        started = time.perf_counter()
+        baseline_pred = tfidf_svm_baseline(train.texts, train.y, test.texts)
+        report["baseline_same_split"] = {
+            "model": "TF-IDF word 1-2 + char_wb 2-5 grams (sublinear tf), LinearSVC C=0.5, fitted on this build's train split",
+            manifest.task: round(float((baseline_pred == test.y).mean()), 4),
+            "seconds": round(time.perf_counter() - started, 1),
         }
         if manifest.task == "aisle":
             report["department_from_aisle"] = _section(edge_logits, cloud_logits, to_group[test.y], manifest, to_group)
+            report["baseline_same_split"]["department"] = round(float((to_group[baseline_pred] == to_group[test.y]).mean()), 4)
         if bigbasket_dir is not None:
             texts, departments = load_bigbasket_departments(Path(bigbasket_dir))
             if bigbasket_limit is not None and bigbasket_limit < len(texts):
@@ -195,10 +223,18 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
             "met": bool(variants["fp32"] - variants["int8_served"] <= 0.005),
         },
     }
-    baseline = report.get("baseline_tfidf_svm")
-    if baseline and report["task"] in baseline:
-        floor = round(baseline[report["task"]] + 0.03, 4)
-        targets[f"cloud_accuracy_ge_{floor}"] = {"value": test["cloud_accuracy"], "met": bool(test["cloud_accuracy"] >= floor)}
+    quoted = report.get("baseline_tfidf_svm")
+    if quoted and report["task"] in quoted:
+        floor = round(quoted[report["task"]] + 0.03, 4)
+        targets[f"cloud_ge_quoted_baseline_plus_3pt_{floor}"] = {
+            "value": test["cloud_accuracy"], "met": bool(test["cloud_accuracy"] >= floor)
+        }
+    same = report.get("baseline_same_split") or {}
+    if report["task"] in same:
+        floor = round(same[report["task"]] + 0.03, 4)
+        targets[f"cloud_ge_same_split_baseline_plus_3pt_{floor}"] = {
+            "value": test["cloud_accuracy"], "met": bool(test["cloud_accuracy"] >= floor)
+        }
     return targets
 
 
@@ -278,8 +314,26 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{alt['int8_bytes'] / 2**20:.2f} | {alt['batch1_latency_ms_p50']:.3f} | {_pct(alt['escalation_at_quality_floor'])} | "
                 f"{alt['within_bounds']} | {'yes' if alt['chosen'] else ''} |"
             )
+    parts = report.get("cloud_parts_test_accuracy") or {}
+    if len(parts) > 1:
+        lines += [
+            "",
+            "## Cloud model parts (test split, same ONNX graph)",
+            "",
+            "| part | accuracy |",
+            "|---|---|",
+            *[f"| {name} | {_pct(acc)} |" for name, acc in parts.items()],
+            "",
+            f"Fusion (fitted on validation): {json.dumps(report.get('cloud_fusion'))}; "
+            "logits = alpha * log_softmax(deep + beta * lexical) + (1 - alpha) * log_softmax(gamma * lexical).",
+        ]
+    same = report.get("baseline_same_split") or {}
+    lines += ["", "## Baseline", ""]
+    if same:
+        lines.append(f"- Measured on this split: {same['model']}: "
+                     + ", ".join(f"{k} {_pct(v)}" for k, v in same.items() if k in ("aisle", "department")) + ".")
     if report.get("baseline_tfidf_svm"):
-        lines += ["", f"Reference (quoted from SOURCE.md, 80/20 split): TF-IDF + LinearSVC {report['baseline_tfidf_svm']}."]
+        lines.append(f"- Quoted from SOURCE.md (80/20 split): TF-IDF + LinearSVC {report['baseline_tfidf_svm']}.")
     timings = report.get("build_timings_s") or {}
     if timings:
         lines += ["", f"Build timings (s, this machine): {json.dumps(timings)}; cloud training: "

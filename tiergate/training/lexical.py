@@ -1,0 +1,118 @@
+"""The cloud model's lexical branch: hashed TF-IDF over word and character n-grams, fitted by a linear SVM.
+
+Fine-tuned MiniLM reads word pieces and misses much of what brand and product tokens carry; a linear
+model over character n-grams catches it. The branch is trained here with scikit-learn and then served
+inside the cloud's one ONNX graph (``cloud_train.FusedCloudNet``), so its features must be computable in
+ONNX: for a row of hashed ids (the edge featurizer's, repeats kept, 0 = padding) the feature vector is
+``sum over positions of idf[id] * onehot(id)``, divided by ``sqrt(sum over positions of idf[id]**2)``.
+``tfidf_rows`` builds exactly that matrix, and the graph computes exactly that sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sparse
+
+from edge_runtime.featurize import HashedNgramFeaturizer
+from tiergate.training.data import normalise_name
+
+logger = logging.getLogger(__name__)
+
+# A class absent from one fold's training rows gets this margin in that fold's predictions.
+ABSENT_CLASS_MARGIN = -5.0
+
+
+@dataclass(frozen=True)
+class LexicalModel:
+    """A linear classifier over hashed TF-IDF features: ``margins = tfidf(ids) @ coef + intercept``."""
+
+    featurizer: dict[str, Any]
+    idf: np.ndarray  # float32 [n_buckets]; idf[0] = 0 so padding adds nothing
+    coef: np.ndarray  # float32 [n_buckets, K]
+    intercept: np.ndarray  # float32 [K]
+
+    def margins(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [n, K] decision values for featurized rows."""
+        scores = tfidf_rows(ids, self.idf) @ self.coef
+        return np.asarray(scores, dtype=np.float32) + self.intercept
+
+
+def lexical_featurizer(n_buckets: int, max_features: int) -> HashedNgramFeaturizer:
+    """Word 1-2 and character 2-5 grams: the n-gram ranges of the TF-IDF + SVM reference model."""
+    return HashedNgramFeaturizer(n_buckets=n_buckets, max_features=max_features, word_ngrams=(1, 2), char_ngrams=(2, 5))
+
+
+def fit_idf(ids: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Smoothed inverse document frequency per bucket (scikit-learn's formula); bucket 0 (padding) gets 0."""
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    counts = sparse.csr_matrix((np.ones(ids.size, dtype=np.float32), (rows, ids.ravel())), shape=(len(ids), n_buckets))
+    df = np.asarray((counts > 0).sum(axis=0)).ravel()  # a row counts once per bucket
+    idf = np.log((1.0 + len(ids)) / (1.0 + df)) + 1.0
+    idf[0] = 0.0
+    return idf.astype(np.float32)
+
+
+def tfidf_rows(ids: np.ndarray, idf: np.ndarray) -> sparse.csr_matrix:
+    """The L2-normalised TF-IDF matrix of featurized rows, as the ONNX graph computes it (see module doc)."""
+    weights = idf[ids].astype(np.float64)
+    norms = np.sqrt((weights**2).sum(axis=1, keepdims=True))
+    weights /= np.maximum(norms, 1e-12)
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    return sparse.csr_matrix((weights.ravel(), (rows, ids.ravel())), shape=(len(ids), len(idf)))
+
+
+def _fit_svm(x: sparse.csr_matrix, y: np.ndarray, n_labels: int, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest LinearSVC; returns coef [d, K] and intercept [K] over all ``n_labels`` classes."""
+    from sklearn.svm import LinearSVC
+
+    classes = np.unique(y)
+    coef = np.zeros((x.shape[1], n_labels), dtype=np.float32)
+    intercept = np.full(n_labels, ABSENT_CLASS_MARGIN, dtype=np.float32)
+    if len(classes) == 1:
+        intercept[classes[0]] = -ABSENT_CLASS_MARGIN
+        return coef, intercept
+    svm = LinearSVC(C=c, random_state=0).fit(x, y)
+    if len(classes) == 2:  # scikit-learn keeps one hyperplane for two classes
+        coef[:, classes[1]], coef[:, classes[0]] = svm.coef_[0], -svm.coef_[0]
+        intercept[classes[1]], intercept[classes[0]] = svm.intercept_[0], -svm.intercept_[0]
+    else:
+        coef[:, svm.classes_] = svm.coef_.T
+        intercept[svm.classes_] = svm.intercept_
+    return coef, intercept
+
+
+def fold_of(texts: Sequence[str], folds: int) -> np.ndarray:
+    """Fold per row, keyed by the normalised name so near-duplicates share a fold (stable across runs)."""
+    return np.array([zlib.crc32(normalise_name(t).encode("utf-8")) % folds for t in texts], dtype=np.int64)
+
+
+def train_lexical(
+    texts: Sequence[str], y: np.ndarray, n_labels: int, n_buckets: int, max_features: int, c: float, folds: int
+) -> tuple[LexicalModel, np.ndarray]:
+    """Fit the branch on all rows, plus out-of-fold margins for those rows.
+
+    The out-of-fold margins stand in for the branch's output on the training rows wherever a later step
+    must not see a model that has memorised them (the deep model's residual prior, the edge's teacher).
+    """
+    featurizer = lexical_featurizer(n_buckets, max_features)
+    ids = featurizer.transform(texts)
+    idf = fit_idf(ids, n_buckets)
+    x = tfidf_rows(ids, idf)
+    fold = fold_of(texts, folds)
+    oof = np.zeros((len(texts), n_labels), dtype=np.float32)
+    for k in range(folds):
+        held = fold == k
+        if held.any() and (~held).any():
+            coef, intercept = _fit_svm(x[~held], y[~held], n_labels, c)
+            oof[held] = np.asarray(x[held] @ coef, dtype=np.float32) + intercept
+    coef, intercept = _fit_svm(x, y, n_labels, c)
+    model = LexicalModel(featurizer=featurizer.config(), idf=idf, coef=coef, intercept=intercept)
+    logger.info("lexical branch: %d buckets, %d rows, out-of-fold accuracy %.4f", n_buckets, len(texts),
+                float((oof.argmax(1) == y).mean()) if len(y) else 0.0)
+    return model, oof
