@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edge_runtime.featurize import HashedNgramFeaturizer
+from edge_runtime.featurize import NgramBlocks
 from tiergate.manifest import CLOUD_ROLES, Manifest, load_manifest
 from tiergate.onnx_session import cpu_session
 from tiergate.scoring import Scored, score
@@ -69,7 +69,7 @@ class CloudModel:
         tokenizer: Tokenizer,
         session: ort.InferenceSession,
         max_length: int,
-        featurizer: HashedNgramFeaturizer | None = None,
+        featurizer: NgramBlocks | None = None,
     ) -> None:
         self.labels = labels
         self.signal = signal
@@ -119,7 +119,7 @@ class CloudModel:
             tokenizer=Tokenizer.from_file(str(tokenizer_path)),
             session=session,
             max_length=max_length,
-            featurizer=None if featurizer_config is None else HashedNgramFeaturizer.from_config(featurizer_config),
+            featurizer=None if featurizer_config is None else NgramBlocks.from_config(featurizer_config),
         )
 
     @classmethod

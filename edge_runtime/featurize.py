@@ -127,3 +127,35 @@ class HashedNgramFeaturizer:
             if feats:
                 ids[row, : len(feats)] = feats
         return ids
+
+
+class NgramBlocks:
+    """Several hashed n-gram featurizers side by side: ids [n, sum of widths], one block after another.
+
+    The cloud's lexical branch weighs each block on its own (word n-grams as much as character
+    n-grams, whatever their counts), so it needs to know where each block starts.
+    """
+
+    def __init__(self, blocks: Sequence[HashedNgramFeaturizer]) -> None:
+        if not blocks:
+            raise ValueError("NgramBlocks needs at least one featurizer")
+        if len({b.n_buckets for b in blocks}) != 1:
+            raise ValueError("all blocks must hash into the same number of buckets")
+        self.blocks = list(blocks)
+        self.n_buckets = self.blocks[0].n_buckets
+        self.widths = [b.max_features for b in self.blocks]
+
+    def config(self) -> dict[str, Any]:
+        """JSON form; ``from_config`` reads it back."""
+        return {"kind": "hashed_ngram_blocks", "blocks": [b.config() for b in self.blocks]}
+
+    @classmethod
+    def from_config(cls, d: dict[str, Any]) -> NgramBlocks:
+        """Rebuild from ``config()`` output (as stored in the manifest)."""
+        if d.get("kind") != "hashed_ngram_blocks" or not isinstance(d.get("blocks"), list):
+            raise ValueError(f"unsupported n-gram blocks config: kind={d.get('kind')!r}")
+        return cls([HashedNgramFeaturizer.from_config(block) for block in d["blocks"]])
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 [n, sum of widths]: each block's ids, zero-padded within its block."""
+        return np.concatenate([b.transform(texts) for b in self.blocks], axis=1)

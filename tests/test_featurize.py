@@ -77,3 +77,21 @@ def test_is_fast_enough_for_the_edge() -> None:
     per_text_us = (time.perf_counter() - start) / len(texts) * 1e6
     # Generous bound for shared CI machines; ~20 us is typical here.
     assert per_text_us < 200
+
+
+def test_ngram_blocks_concatenate_and_round_trip() -> None:
+    from edge_runtime.featurize import HashedNgramFeaturizer, NgramBlocks
+
+    words = HashedNgramFeaturizer(n_buckets=512, max_features=8, word_ngrams=(1, 2), char_ngrams=(0, 0))
+    chars = HashedNgramFeaturizer(n_buckets=512, max_features=16, word_ngrams=(1, 0), char_ngrams=(2, 3))
+    blocks = NgramBlocks([words, chars])
+    ids = blocks.transform(["Organic Milk", ""])
+    assert ids.shape == (2, 24) and blocks.widths == [8, 16]
+    np.testing.assert_array_equal(ids[:, :8], words.transform(["Organic Milk", ""]))
+    np.testing.assert_array_equal(ids[:, 8:], chars.transform(["Organic Milk", ""]))
+    assert (ids[0, :8] != 0).sum() == 3  # two words and one bigram, no character n-grams
+    np.testing.assert_array_equal(NgramBlocks.from_config(blocks.config()).transform(["Organic Milk"]), ids[:1])
+    with pytest.raises(ValueError, match="same number of buckets"):
+        NgramBlocks([words, HashedNgramFeaturizer(n_buckets=256)])
+    with pytest.raises(ValueError, match="unsupported n-gram blocks"):
+        NgramBlocks.from_config(words.config())

@@ -43,12 +43,15 @@ def test_idf_weights_rare_buckets_higher_and_ignores_padding() -> None:
     assert idf[9] > idf[6]  # never seen: the largest weight
 
 
-def test_tfidf_rows_are_unit_length_and_sum_repeats() -> None:
-    ids = np.array([[3, 3, 4, 0], [0, 0, 0, 0]], dtype=np.int32)
+def test_tfidf_blocks_are_unit_length_each_and_sum_repeats() -> None:
+    ids = np.array([[1, 0, 3, 3, 4, 0], [0, 0, 0, 0, 0, 0]], dtype=np.int32)
     idf = np.arange(8, dtype=np.float32)
-    x = tfidf_rows(ids, idf).toarray()
+    x = tfidf_rows(ids, idf, [2, 4]).toarray()
+    assert x[0, 1] == pytest.approx(1.0)  # the word block: one feature, unit length on its own
     np.testing.assert_allclose(x[0, [3, 4]], np.array([6.0, 4.0]) / np.sqrt(9 + 9 + 16))
     assert x[1].sum() == 0.0  # an empty row stays zero instead of dividing by zero
+    with pytest.raises(ValueError, match="do not add up"):
+        tfidf_rows(ids, idf, [2, 2])
 
 
 def test_folds_keep_near_duplicates_together_and_are_stable() -> None:
@@ -59,17 +62,19 @@ def test_folds_keep_near_duplicates_together_and_are_stable() -> None:
 
 def test_train_lexical_learns_and_gives_out_of_fold_margins() -> None:
     model, oof = train_lexical(TEXTS * 3, np.tile(Y, 3), 5, 2**12, 64, c=1.0, folds=3)
-    ids = lexical_featurizer(2**12, 64).transform(TEXTS)
+    ids = model.featurize(TEXTS)
+    assert ids.shape == (len(TEXTS), sum(model.widths)) and model.widths == [48, 64]
+    np.testing.assert_array_equal(ids, lexical_featurizer(2**12, 64).transform(TEXTS))
     margins = model.margins(ids)
     assert margins.shape == (len(TEXTS), 5) and oof.shape == (3 * len(TEXTS), 5)
     assert (margins.argmax(1) == Y).all()
     assert (margins[:, 4] < -1).all()  # label 4 never occurs: it can never win
-    assert model.featurizer["n_buckets"] == 2**12
+    assert [b["n_buckets"] for b in model.featurizer["blocks"]] == [2**12, 2**12]
 
 
 def test_two_classes_get_one_margin_each() -> None:
     model, _ = train_lexical(TEXTS[:6] * 2, np.tile(Y[:6], 2), 2, 2**10, 48, c=1.0, folds=2)
-    margins = model.margins(lexical_featurizer(2**10, 48).transform(TEXTS[:6]))
+    margins = model.margins(model.featurize(TEXTS[:6]))
     np.testing.assert_allclose(margins[:, 0], -margins[:, 1], atol=1e-6)
     assert (margins.argmax(1) == Y[:6]).all()
 
@@ -79,9 +84,9 @@ def test_fusion_leans_on_the_part_that_is_right() -> None:
     y = rng.integers(0, 4, 400)
     good = np.eye(4)[y] * 3 + rng.normal(0, 0.5, (400, 4))
     noise = rng.normal(0, 1.0, (400, 4))
-    assert fit_fusion(good, noise, y, beta=0.0).alpha >= 0.8
-    assert fit_fusion(noise, good, y, beta=0.0).alpha <= 0.2
-    fusion = Fusion(alpha=0.5, beta=2.0, gamma=3.0)
+    assert fit_fusion(good, noise, y).alpha >= 0.8
+    assert fit_fusion(noise, good, y).alpha <= 0.2
+    fusion = Fusion(alpha=0.5, gamma=3.0)
     fused = fuse(good, noise, fusion)
     assert (np.exp(fused).sum(axis=1) <= 1.0 + 1e-5).all()  # a geometric mixture of distributions
 
@@ -94,15 +99,15 @@ def test_onnx_graph_matches_the_python_branch(tmp_path: Path) -> None:
     tokenizer = train_wordlevel_tokenizer(TEXTS, 64)
     torch.manual_seed(0)
     deep = TinyCloudNet(tokenizer.get_vocab_size(), 8, 4)
-    fusion = Fusion(alpha=0.7, beta=2.0, gamma=5.0)
-    onnx_path = export_cloud_onnx(FusedCloudNet(deep, model, fusion), tmp_path / "cloud.onnx", ngram_width=64)
+    fusion = Fusion(alpha=0.7, gamma=5.0)
+    onnx_path = export_cloud_onnx(FusedCloudNet(deep, model, fusion), tmp_path / "cloud.onnx")
     tok_path = save_tokenizer(tokenizer, tmp_path / "tokenizer.json", 16)
     cloud = CloudModel.from_files(onnx_path, tok_path, ["a", "b", "c", "d"], 16, featurizer_config=model.featurizer)
     try:
         parts = cloud.components(TEXTS)
     finally:
         cloud.close()
-    expected = model.margins(lexical_featurizer(2**12, 64).transform(TEXTS))
+    expected = model.margins(model.featurize(TEXTS))
     np.testing.assert_allclose(parts["lexical_logits"], expected, atol=1e-4)
     np.testing.assert_allclose(parts["logits"], fuse(parts["deep_logits"], parts["lexical_logits"], fusion), atol=1e-4)
 
@@ -111,7 +116,7 @@ def test_graph_and_manifest_must_agree_on_the_featurizer(tmp_path: Path) -> None
     model, _ = train_lexical(TEXTS, Y, 4, 2**10, 32, c=1.0, folds=2)
     tokenizer = train_wordlevel_tokenizer(TEXTS, 64)
     deep = TinyCloudNet(tokenizer.get_vocab_size(), 8, 4)
-    fused = export_cloud_onnx(FusedCloudNet(deep, model, Fusion()), tmp_path / "fused.onnx", ngram_width=32)
+    fused = export_cloud_onnx(FusedCloudNet(deep, model, Fusion()), tmp_path / "fused.onnx")
     plain = export_cloud_onnx(deep, tmp_path / "plain.onnx")
     tok_path = save_tokenizer(tokenizer, tmp_path / "tokenizer.json", 16)
     with pytest.raises(ValueError, match="takes ngram_ids but the manifest gives no cloud featurizer"):

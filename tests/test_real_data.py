@@ -123,9 +123,16 @@ def test_eval_writes_the_report(real_models: Path, tmp_path: Path) -> None:
     assert test["curve"]["escalation"][0] == 0.0 and test["curve"]["escalation"][-1] == 1.0
     assert set(test["signal_auroc_edge_right"]) == {"max_prob", "margin", "entropy"}
     assert "department_from_aisle" in report
+    baseline = report["baseline_same_split"]
+    assert 0.2 < baseline["aisle"] < baseline["department"] <= 1.0
+    assert any(name.startswith("cloud_ge_same_split_baseline_plus_3pt_") for name in report["targets"])
+    parts = report["cloud_parts_test_accuracy"]
+    assert set(parts) == {"logits", "deep_logits", "lexical_logits"}
+    assert parts["logits"] == report["test"]["cloud_accuracy"]
     assert report["department_from_aisle"]["cloud_accuracy"] >= report["test"]["cloud_accuracy"]
     if bigbasket is not None:
         assert 0 < report["bigbasket_departments"]["rows"] <= 600
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| Instacart test |" in markdown and "Targets" in markdown
+    assert "Measured on this split" in markdown and "Cloud model parts" in markdown
     assert np.isfinite(report["edge_variants_test_accuracy"]["int8_served"])

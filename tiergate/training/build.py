@@ -47,8 +47,6 @@ EDGE_DIR = "edge"
 CLOUD_DIR = "cloud"
 MAX_EDGE_INT8_BYTES = 25 * 1024 * 1024
 MAX_EDGE_P50_MS = 2.0
-# beta of the cloud fusion: the deep model is fine-tuned on top of beta x the lexical branch's margins.
-RESIDUAL_SCALE = 5.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def default_config(real_data: bool) -> BuildConfig:
         return BuildConfig(
             cloud=CloudConfig(kind="minilm", max_length=32, epochs=5, batch_size=64, lr=1e-4, head_lr=2e-3,
                               label_smoothing=0.1, bf16=True, lexical_buckets=2**18, lexical_max_features=256,
-                              lexical_c=0.5, lexical_folds=4, residual_scale=RESIDUAL_SCALE),
+                              lexical_c=0.5, lexical_folds=4),
             edge_candidates=(
                 EdgeConfig(name="ngram-mlp-2^18x64", n_buckets=2**18, dim=64, hidden=256),
                 EdgeConfig(name="ngram-mlp-2^17x128", n_buckets=2**17, dim=128, hidden=256),
@@ -87,7 +85,7 @@ def default_config(real_data: bool) -> BuildConfig:
     return BuildConfig(
         cloud=CloudConfig(kind="minilm", max_length=24, epochs=1, batch_size=32, lr=1e-4, head_lr=3e-3,
                           label_smoothing=0.1, bf16=True, lexical_buckets=2**16, lexical_max_features=128,
-                          lexical_folds=4, residual_scale=RESIDUAL_SCALE),
+                          lexical_folds=4),
         edge_candidates=(EdgeConfig(name="ngram-mlp-2^16x32", n_buckets=2**16, dim=32, hidden=128, epochs=10),),
         target_quality=None,
         target_escalation=0.10,
@@ -169,7 +167,6 @@ def build_from_catalogue(
     from tiergate.training.calibrate import fit_temperature, routing_from_predictions, signal_aurocs
     from cloud_runtime.model import prepare_tokenizer
     from tiergate.training.cloud_train import (
-        Fusion,
         FusedCloudNet,
         export_cloud_onnx,
         fit_fusion,
@@ -178,7 +175,7 @@ def build_from_catalogue(
         save_tokenizer,
         train_cloud,
     )
-    from tiergate.training.lexical import lexical_featurizer, train_lexical
+    from tiergate.training.lexical import train_lexical
     from tiergate.training.edge_train import export_edge_onnx, train_edge
     from tiergate.training.quantize import quantize_dynamic_int8, quantize_qdq
 
@@ -194,40 +191,36 @@ def build_from_catalogue(
     logger.info("split %s over %d labels", split.sizes(), n_labels)
     timings: dict[str, float] = {}
 
-    # Cloud: the lexical branch (with out-of-fold margins for the training rows), the deep model fine-tuned
-    # as a residual on those margins, their fusion fitted on validation, one ONNX graph, read back
-    # through the serving runtime.
+    # Cloud: the lexical branch (with out-of-fold margins for the training rows) and the fine-tuned deep
+    # model, each trained on its own, fused on validation into one ONNX graph, read back through the
+    # serving runtime.
     cc = config.cloud
-    lexical, oof, val_lexical, prior, val_prior = None, None, None, None, None
+    lexical, oof, val_lexical = None, None, None
     if cc.lexical_buckets:
         t0 = time.perf_counter()
         lexical, oof = train_lexical(
             train.texts, train.y, n_labels, cc.lexical_buckets, cc.lexical_max_features, cc.lexical_c, cc.lexical_folds
         )
-        val_lexical = lexical.margins(lexical_featurizer(cc.lexical_buckets, cc.lexical_max_features).transform(val.texts))
-        if cc.residual_scale:
-            prior, val_prior = cc.residual_scale * oof, cc.residual_scale * val_lexical
+        val_lexical = lexical.margins(lexical.featurize(val.texts))
         timings["cloud_lexical_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     cloud_net, tokenizer, cloud_info = train_cloud(
-        cc, train.texts, train.y, n_labels, val.texts, val.y, seed=seed, progress=config.progress,
-        prior=prior, val_prior=val_prior,
+        cc, train.texts, train.y, n_labels, val.texts, val.y, seed=seed, progress=config.progress
     )
     timings["cloud_train_s"] = round(time.perf_counter() - t0, 1)
-    fusion: Fusion | None = None
-    if lexical is not None and val_lexical is not None:
+    fusion = None
+    if lexical is not None and val_lexical is not None and oof is not None:
         deep_val = predict_cloud(cloud_net, tokenizer, prepare_tokenizer(tokenizer, cc.max_length), val.texts)
-        fusion = fit_fusion(deep_val, val_lexical, val.y, cc.residual_scale)
+        fusion = fit_fusion(deep_val, val_lexical, val.y)
         cloud_info["fusion"] = fusion.as_dict()
-        # With a residual prior the deep part alone is not a classifier; report it with its prior.
         cloud_info["validation_accuracy_by_part"] = {
-            "deep": _accuracy(deep_val if val_prior is None else deep_val + val_prior, val.y),
+            "deep": _accuracy(deep_val, val.y),
             "lexical": _accuracy(val_lexical, val.y),
             "fused": _accuracy(fuse(deep_val, val_lexical, fusion), val.y),
         }
-        cloud_info["lexical_out_of_fold_accuracy"] = _accuracy(oof, train.y) if oof is not None else None
+        cloud_info["lexical_out_of_fold_accuracy"] = _accuracy(oof, train.y)
         cloud_net = FusedCloudNet(cloud_net, lexical, fusion)
-    cloud_onnx = export_cloud_onnx(cloud_net, out_dir / CLOUD_DIR / "cloud_fp32.onnx", ngram_width=cc.lexical_max_features)
+    cloud_onnx = export_cloud_onnx(cloud_net, out_dir / CLOUD_DIR / "cloud_fp32.onnx")
     tokenizer_path = save_tokenizer(tokenizer, out_dir / CLOUD_DIR / "tokenizer.json", cc.max_length)
     del cloud_net
     cloud_featurizer = lexical.featurizer if lexical is not None else None

@@ -1,8 +1,7 @@
 """Cloud classifiers (fine-tuned MiniLM, or a tiny stand-in for tests), their training loop and ONNX export.
 
 The served cloud model is one ONNX graph: the deep classifier plus, when configured, the lexical branch
-(``tiergate.training.lexical``), fused as ``Fusion`` says. The deep part can be trained as a residual on
-top of the lexical branch's out-of-fold margins, so it learns what character n-grams miss.
+(``tiergate.training.lexical``), each trained on its own and fused as ``Fusion`` says (fitted on validation).
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ class CloudConfig:
     lexical_max_features: int = 256
     lexical_c: float = 0.5
     lexical_folds: int = 4
-    residual_scale: float = 0.0  # beta: the deep model trains on top of beta x the lexical margins
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form for the manifest."""
@@ -100,10 +98,9 @@ class TinyCloudNet(nn.Module):
 
 @dataclass(frozen=True)
 class Fusion:
-    """``fused = alpha * log_softmax(deep + beta * lexical) + (1 - alpha) * log_softmax(gamma * lexical)``."""
+    """``fused = alpha * log_softmax(deep) + (1 - alpha) * log_softmax(gamma * lexical)``."""
 
     alpha: float = 1.0
-    beta: float = 0.0
     gamma: float = 1.0
 
     def as_dict(self) -> dict[str, float]:
@@ -118,18 +115,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def fuse(deep: np.ndarray, lexical: np.ndarray, fusion: Fusion) -> np.ndarray:
     """The fused logits in numpy, as ``FusedCloudNet`` computes them in the graph."""
-    fused = fusion.alpha * _log_softmax(deep + fusion.beta * lexical)
+    fused = fusion.alpha * _log_softmax(deep)
     if fusion.alpha < 1.0:
         fused = fused + (1.0 - fusion.alpha) * _log_softmax(fusion.gamma * lexical)
     return fused.astype(np.float32)
 
 
-def fit_fusion(deep: np.ndarray, lexical: np.ndarray, y: np.ndarray, beta: float) -> Fusion:
-    """Grid-search alpha and gamma for validation accuracy (ties: lower log-loss); beta is the training's."""
+def fit_fusion(deep: np.ndarray, lexical: np.ndarray, y: np.ndarray) -> Fusion:
+    """Grid-search alpha and gamma for validation accuracy (ties: lower log-loss)."""
     best: tuple[float, float, Fusion] | None = None
     for alpha in np.linspace(0.0, 1.0, 21):
         for gamma in (1.0, 2.0, 5.0, 10.0, 20.0):
-            fusion = Fusion(alpha=round(float(alpha), 2), beta=beta, gamma=gamma)
+            fusion = Fusion(alpha=round(float(alpha), 2), gamma=gamma)
             fused = fuse(deep, lexical, fusion)
             acc = float((fused.argmax(1) == y).mean())
             loss = float(-_log_softmax(fused)[np.arange(len(y)), y].mean())
@@ -155,6 +152,7 @@ class FusedCloudNet(nn.Module):
         self.register_buffer("idf", torch.from_numpy(np.asarray(lexical.idf, dtype=np.float32)))
         self.register_buffer("intercept", torch.from_numpy(np.asarray(lexical.intercept, dtype=np.float32)))
         self.coef = nn.Embedding.from_pretrained(torch.from_numpy(np.asarray(lexical.coef, dtype=np.float32)))
+        self.widths = list(lexical.widths)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ngram_ids: torch.Tensor
@@ -162,11 +160,15 @@ class FusedCloudNet(nn.Module):
         """-> (fused logits, deep logits, lexical margins), each [n, K]."""
         deep = self.deep(input_ids, attention_mask)
         ids = ngram_ids.long()
-        weights = self.idf[ids]
-        weights = weights / weights.pow(2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
+        blocks, start = [], 0
+        for width in self.widths:  # each block of ids is normalised on its own
+            weights = self.idf[ids[:, start : start + width]]
+            blocks.append(weights / weights.pow(2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12))
+            start += width
+        weights = torch.cat(blocks, dim=1)
         lexical = torch.bmm(weights.unsqueeze(1), self.coef(ids)).squeeze(1) + self.intercept
         f = self.fusion
-        fused = f.alpha * torch.log_softmax(deep + f.beta * lexical, dim=1)
+        fused = f.alpha * torch.log_softmax(deep, dim=1)
         if f.alpha < 1.0:
             fused = fused + (1.0 - f.alpha) * torch.log_softmax(f.gamma * lexical, dim=1)
         return fused, deep, lexical
@@ -257,14 +259,8 @@ def train_cloud(
     val_y: np.ndarray,
     seed: int = 0,
     progress: bool = True,
-    prior: np.ndarray | None = None,
-    val_prior: np.ndarray | None = None,
 ) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """Fine-tune the cloud classifier; keeps the epoch with the best validation accuracy.
-
-    ``prior`` (per training row) and ``val_prior`` (per validation row) are logits added to the model's
-    own during training and validation: the deep model then learns a residual on top of them.
-    """
+    """Fine-tune the cloud classifier; keeps the epoch with the best validation accuracy."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if config.kind == "minilm":
@@ -294,7 +290,6 @@ def train_cloud(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     y_t = torch.from_numpy(y.astype(np.int64))
-    prior_t = None if prior is None else torch.from_numpy(np.asarray(prior, dtype=np.float32))
     best_acc, best_state, best_epoch, history = -1.0, None, 0, []
     started = time.perf_counter()
     for epoch in range(config.epochs):
@@ -306,20 +301,14 @@ def train_cloud(
             rows = torch.from_numpy(index)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
-            logits = logits.float() if prior_t is None else logits.float() + prior_t[rows]
-            loss = nn.functional.cross_entropy(logits, y_t[rows], label_smoothing=config.label_smoothing)
+            loss = nn.functional.cross_entropy(logits.float(), y_t[rows], label_smoothing=config.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        acc = 0.0
-        if len(val_y):
-            val_logits = predict_cloud(model, tokenizer, pad_id, val_texts)
-            if val_prior is not None:
-                val_logits = val_logits + val_prior
-            acc = float((val_logits.argmax(1) == val_y).mean())
+        acc = float((predict_cloud(model, tokenizer, pad_id, val_texts).argmax(1) == val_y).mean()) if len(val_y) else 0.0
         history.append(round(acc, 4))
         logger.info("cloud %s epoch %d validation accuracy %.4f", config.kind, epoch + 1, acc)
         if acc > best_acc:
@@ -340,7 +329,7 @@ def train_cloud(
     return model, tokenizer, info
 
 
-def export_cloud_onnx(model: nn.Module, path: Path, opset: int = 17, ngram_width: int = 8) -> Path:
+def export_cloud_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     """Single-file FP32 ONNX: input_ids, attention_mask int64 [batch, seq] -> logits.
 
     A ``FusedCloudNet`` also takes ngram_ids int32 [batch, width] and also outputs deep_logits and
@@ -354,7 +343,7 @@ def export_cloud_onnx(model: nn.Module, path: Path, opset: int = 17, ngram_width
     input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     if isinstance(model, FusedCloudNet):
-        inputs += (torch.ones((2, ngram_width), dtype=torch.int32),)
+        inputs += (torch.ones((2, sum(model.widths)), dtype=torch.int32),)
         input_names.append("ngram_ids")
         output_names += ["deep_logits", "lexical_logits"]
         axes.update({"ngram_ids": {0: "batch"}, "deep_logits": {0: "batch"}, "lexical_logits": {0: "batch"}})

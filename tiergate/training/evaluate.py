@@ -325,7 +325,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             *[f"| {name} | {_pct(acc)} |" for name, acc in parts.items()],
             "",
             f"Fusion (fitted on validation): {json.dumps(report.get('cloud_fusion'))}; "
-            "logits = alpha * log_softmax(deep + beta * lexical) + (1 - alpha) * log_softmax(gamma * lexical).",
+            "logits = alpha * log_softmax(deep) + (1 - alpha) * log_softmax(gamma * lexical).",
         ]
     same = report.get("baseline_same_split") or {}
     lines += ["", "## Baseline", ""]

@@ -3,9 +3,11 @@
 Fine-tuned MiniLM reads word pieces and misses much of what brand and product tokens carry; a linear
 model over character n-grams catches it. The branch is trained here with scikit-learn and then served
 inside the cloud's one ONNX graph (``cloud_train.FusedCloudNet``), so its features must be computable in
-ONNX: for a row of hashed ids (the edge featurizer's, repeats kept, 0 = padding) the feature vector is
-``sum over positions of idf[id] * onehot(id)``, divided by ``sqrt(sum over positions of idf[id]**2)``.
-``tfidf_rows`` builds exactly that matrix, and the graph computes exactly that sum.
+ONNX. A row is two blocks of hashed ids (word 1-2 grams, then character 2-5 grams; repeats kept,
+0 = padding). Within each block the feature vector is ``sum over positions of idf[id] * onehot(id)``
+divided by ``sqrt(sum over the block's positions of idf[id]**2)``, so each block has unit length, as in
+a union of two TF-IDF vectorizers. ``tfidf_rows`` builds exactly that matrix; the graph computes exactly
+that sum.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sparse
 
-from edge_runtime.featurize import HashedNgramFeaturizer
+from edge_runtime.featurize import HashedNgramFeaturizer, NgramBlocks
 from tiergate.training.data import normalise_name
 
 logger = logging.getLogger(__name__)
@@ -32,20 +34,33 @@ ABSENT_CLASS_MARGIN = -5.0
 class LexicalModel:
     """A linear classifier over hashed TF-IDF features: ``margins = tfidf(ids) @ coef + intercept``."""
 
-    featurizer: dict[str, Any]
+    featurizer: dict[str, Any]  # NgramBlocks.config()
     idf: np.ndarray  # float32 [n_buckets]; idf[0] = 0 so padding adds nothing
     coef: np.ndarray  # float32 [n_buckets, K]
     intercept: np.ndarray  # float32 [K]
 
+    @property
+    def widths(self) -> list[int]:
+        """Width of each id block, in order."""
+        return [int(block["max_features"]) for block in self.featurizer["blocks"]]
+
+    def featurize(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 ids [n, sum of widths] of ``texts``, as the served graph receives them."""
+        return NgramBlocks.from_config(self.featurizer).transform(texts)
+
     def margins(self, ids: np.ndarray) -> np.ndarray:
         """float32 [n, K] decision values for featurized rows."""
-        scores = tfidf_rows(ids, self.idf) @ self.coef
+        scores = tfidf_rows(ids, self.idf, self.widths) @ self.coef
         return np.asarray(scores, dtype=np.float32) + self.intercept
 
 
-def lexical_featurizer(n_buckets: int, max_features: int) -> HashedNgramFeaturizer:
-    """Word 1-2 and character 2-5 grams: the n-gram ranges of the TF-IDF + SVM reference model."""
-    return HashedNgramFeaturizer(n_buckets=n_buckets, max_features=max_features, word_ngrams=(1, 2), char_ngrams=(2, 5))
+def lexical_featurizer(n_buckets: int, max_features: int, word_features: int = 48) -> NgramBlocks:
+    """A word 1-2 gram block and a character 2-5 gram block (the reference TF-IDF + SVM's n-gram ranges);
+    ``max_features`` is the character block's width."""
+    return NgramBlocks([
+        HashedNgramFeaturizer(n_buckets=n_buckets, max_features=word_features, word_ngrams=(1, 2), char_ngrams=(0, 0)),
+        HashedNgramFeaturizer(n_buckets=n_buckets, max_features=max_features, word_ngrams=(1, 0), char_ngrams=(2, 5)),
+    ])
 
 
 def fit_idf(ids: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -58,11 +73,20 @@ def fit_idf(ids: np.ndarray, n_buckets: int) -> np.ndarray:
     return idf.astype(np.float32)
 
 
-def tfidf_rows(ids: np.ndarray, idf: np.ndarray) -> sparse.csr_matrix:
-    """The L2-normalised TF-IDF matrix of featurized rows, as the ONNX graph computes it (see module doc)."""
+def block_slices(widths: Sequence[int]) -> list[slice]:
+    """Column slice of each block in a row of concatenated ids."""
+    ends = np.cumsum(widths)
+    return [slice(int(end - width), int(end)) for end, width in zip(ends, widths)]
+
+
+def tfidf_rows(ids: np.ndarray, idf: np.ndarray, widths: Sequence[int]) -> sparse.csr_matrix:
+    """The block-wise L2-normalised TF-IDF matrix of featurized rows, as the graph computes it (module doc)."""
+    if sum(widths) != ids.shape[1]:
+        raise ValueError(f"block widths {list(widths)} do not add up to the id width {ids.shape[1]}")
     weights = idf[ids].astype(np.float64)
-    norms = np.sqrt((weights**2).sum(axis=1, keepdims=True))
-    weights /= np.maximum(norms, 1e-12)
+    for part in block_slices(widths):
+        norms = np.sqrt((weights[:, part] ** 2).sum(axis=1, keepdims=True))
+        weights[:, part] /= np.maximum(norms, 1e-12)
     rows = np.repeat(np.arange(len(ids)), ids.shape[1])
     return sparse.csr_matrix((weights.ravel(), (rows, ids.ravel())), shape=(len(ids), len(idf)))
 
@@ -98,12 +122,12 @@ def train_lexical(
     """Fit the branch on all rows, plus out-of-fold margins for those rows.
 
     The out-of-fold margins stand in for the branch's output on the training rows wherever a later step
-    must not see a model that has memorised them (the deep model's residual prior, the edge's teacher).
+    must not see a model that has memorised them (the edge's distillation teacher).
     """
     featurizer = lexical_featurizer(n_buckets, max_features)
     ids = featurizer.transform(texts)
     idf = fit_idf(ids, n_buckets)
-    x = tfidf_rows(ids, idf)
+    x = tfidf_rows(ids, idf, featurizer.widths)
     fold = fold_of(texts, folds)
     oof = np.zeros((len(texts), n_labels), dtype=np.float32)
     for k in range(folds):

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from tiergate.manifest import Manifest
-from tiergate.training.build import RESIDUAL_SCALE, BuildConfig, build_from_catalogue
+from tiergate.training.build import BuildConfig, build_from_catalogue
 from tiergate.training.data import grouped_split
 from tiergate.training.demo_catalogue import DEMO_SOURCE, generate_demo_catalogue
 
@@ -23,7 +23,7 @@ def tiny_config() -> BuildConfig:
 
     return BuildConfig(
         cloud=CloudConfig(kind="tiny", max_length=24, epochs=12, batch_size=32, head_lr=2e-2, tiny_dim=32, tiny_vocab=400,
-                          lexical_buckets=2**12, lexical_max_features=96, lexical_folds=3, residual_scale=RESIDUAL_SCALE),
+                          lexical_buckets=2**12, lexical_max_features=96, lexical_folds=3),
         edge_candidates=(
             EdgeConfig(name="ngram-mlp-tiny", n_buckets=2**12, max_features=64, dim=16, hidden=32, epochs=20,
                        batch_size=32, lr=5e-3, embedding_lr=5e-2, dropout=0.0, patience=4),
