@@ -72,7 +72,7 @@ def default_config(real_data: bool) -> BuildConfig:
 
     if real_data:
         return BuildConfig(
-            cloud=CloudConfig(kind="minilm", max_length=32, epochs=5, batch_size=64, lr=1e-4, head_lr=2e-3,
+            cloud=CloudConfig(kind="minilm", max_length=32, epochs=5, batch_size=64, lr=1.5e-4, head_lr=3e-3,
                               label_smoothing=0.1, bf16=True, lexical_buckets=2**18, lexical_max_features=256,
                               lexical_c=0.5, lexical_folds=4),
             edge_candidates=(
