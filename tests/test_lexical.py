@@ -128,3 +128,22 @@ def test_graph_and_manifest_must_agree_on_the_featurizer(tmp_path: Path) -> None
         assert set(plain_model.components(TEXTS[:2])) == {"logits"}
     finally:
         plain_model.close()
+
+
+def test_large_batches_run_in_chunks_with_the_same_answers(tmp_path: Path) -> None:
+    from cloud_runtime import model as cloud_model
+
+    model, _ = train_lexical(TEXTS, Y, 4, 2**10, 32, c=1.0, folds=2)
+    tokenizer = train_wordlevel_tokenizer(TEXTS, 64)
+    deep = TinyCloudNet(tokenizer.get_vocab_size(), 8, 4)
+    path = export_cloud_onnx(FusedCloudNet(deep, model, Fusion(alpha=0.5, gamma=2.0)), tmp_path / "fused.onnx")
+    cloud = CloudModel.from_files(path, save_tokenizer(tokenizer, tmp_path / "t.json", 16), list("abcd"), 16,
+                                  featurizer_config=model.featurizer)
+    try:
+        texts = TEXTS * ((cloud_model.MAX_ROWS_PER_RUN * 2) // len(TEXTS) + 1)  # three chunks, the last partial
+        batched = cloud.logits(texts)
+        assert batched.shape == (len(texts), 4)
+        np.testing.assert_allclose(batched[: len(TEXTS)], cloud.logits(TEXTS), atol=1e-5)
+        np.testing.assert_allclose(batched[-len(TEXTS):], cloud.logits(TEXTS), atol=1e-5)
+    finally:
+        cloud.close()
