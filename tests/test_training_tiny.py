@@ -166,3 +166,19 @@ def test_calibrate_for_target_quality(tiny_dir: Path, tmp_path: Path) -> None:
     assert routing.calibration["quality_ratio"] >= 0.99
     with pytest.raises(ValueError, match="exactly one"):
         calibrate(copy, None)
+
+
+def test_truncated_minilm_alternative_is_measured_and_recorded(tiny_dir: Path, tmp_path: Path) -> None:
+    from tiergate.training.edge_alternatives import truncated_minilm_alternative
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    served_before = {role: item.sha256 for role, item in load_manifest(copy).artifact_files().items()}
+    result = truncated_minilm_alternative(copy, None, tmp_path / "work", layers=1, epochs=1)
+    assert result["name"] == "minilm-first-1-layers-distilled"
+    assert result["teacher"] == "cloud deep_logits"  # not the fused logits, whose lexical part memorised train
+    assert 0.0 <= result["validation_accuracy"]["dynamic_per_channel"] <= 1.0 and result["int8_bytes"] > 0
+    manifest = load_manifest(copy)  # the served files are untouched, so the checksums still verify
+    assert {role: item.sha256 for role, item in manifest.artifact_files().items()} == served_before
+    assert manifest.metrics["edge_alternatives"][-1]["name"] == result["name"]
+    assert not (tmp_path / "work").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import logging
 import os
@@ -64,6 +65,17 @@ async def _serve_cloud(args: argparse.Namespace) -> None:
     port = await server.start()
     _write_port(args.port_file, port)
     await server.serve_forever()
+
+
+def _models_alternatives(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tiergate.training.edge_alternatives import truncated_minilm_alternative
+
+    with tempfile.TemporaryDirectory() as work:
+        result = truncated_minilm_alternative(args.models, args.data, Path(work), layers=args.layers, epochs=args.epochs)
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _models_build(args: argparse.Namespace) -> int:
@@ -130,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--task", choices=["aisle", "department"], default="aisle")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(handler=_models_build)
+    alt = models.add_parser(
+        "alternatives", help="distil and measure a truncated-MiniLM edge against a built set; record it in the manifest"
+    )
+    alt.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    alt.add_argument("--data", type=Path, default=None, help="the data the models were built from")
+    alt.add_argument("--layers", type=int, default=2, help="MiniLM layers the student keeps")
+    alt.add_argument("--epochs", type=int, default=1)
+    alt.set_defaults(handler=_models_alternatives)
 
     cal = commands.add_parser("calibrate", help="pick the escalation threshold on validation data")
     cal.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
