@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cloud_runtime.model import encode_batch, prepare_tokenizer
+from tiergate.training.lexical import LexicalModel
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class FusedCloudNet(nn.Module):
     0 = padding). The lexical part is the TF-IDF sum of ``tiergate.training.lexical`` as Gather + MatMul.
     """
 
-    def __init__(self, deep: nn.Module, lexical: Any, fusion: Fusion) -> None:
+    def __init__(self, deep: nn.Module, lexical: LexicalModel, fusion: Fusion) -> None:
         super().__init__()
         self.deep = deep
         self.fusion = fusion
