@@ -195,13 +195,12 @@ def build_from_catalogue(
     # model, each trained on its own, fused on validation into one ONNX graph, read back through the
     # serving runtime.
     cc = config.cloud
-    lexical, oof, val_lexical = None, None, None
+    lexical = None
     if cc.lexical_buckets:
         t0 = time.perf_counter()
         lexical, oof = train_lexical(
             train.texts, train.y, n_labels, cc.lexical_buckets, cc.lexical_max_features, cc.lexical_c, cc.lexical_folds
         )
-        val_lexical = lexical.margins(lexical.featurize(val.texts))
         timings["cloud_lexical_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     cloud_net, tokenizer, cloud_info = train_cloud(
@@ -209,7 +208,8 @@ def build_from_catalogue(
     )
     timings["cloud_train_s"] = round(time.perf_counter() - t0, 1)
     fusion = None
-    if lexical is not None and val_lexical is not None and oof is not None:
+    if lexical is not None:
+        val_lexical = lexical.margins(lexical.featurize(val.texts))
         deep_val = predict_cloud(cloud_net, tokenizer, prepare_tokenizer(tokenizer, cc.max_length), val.texts)
         fusion = fit_fusion(deep_val, val_lexical, val.y)
         cloud_info["fusion"] = fusion.as_dict()
@@ -228,7 +228,7 @@ def build_from_catalogue(
         cloud_onnx, tokenizer_path, catalogue.labels, cc.max_length, intra_op_threads=2, featurizer_config=cloud_featurizer
     )
     t0 = time.perf_counter()
-    if fusion is not None and oof is not None:
+    if lexical is not None and fusion is not None:
         # The lexical branch has memorised the training rows; on them the edge's teacher sees its
         # out-of-fold margins instead, as it would on rows it never saw.
         teacher_train = fuse(batched_components(cloud, train.texts)["deep_logits"], oof, fusion)

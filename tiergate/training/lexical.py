@@ -57,6 +57,7 @@ class LexicalModel:
 def lexical_featurizer(n_buckets: int, max_features: int, word_features: int = 48) -> NgramBlocks:
     """A word 1-2 gram block and a character 2-5 gram block (the reference TF-IDF + SVM's n-gram ranges);
     ``max_features`` is the character block's width."""
+    # An empty range turns a kind of n-gram off: (0, 0) no character n-grams, (1, 0) no word n-grams.
     return NgramBlocks([
         HashedNgramFeaturizer(n_buckets=n_buckets, max_features=word_features, word_ngrams=(1, 2), char_ngrams=(0, 0)),
         HashedNgramFeaturizer(n_buckets=n_buckets, max_features=max_features, word_ngrams=(1, 0), char_ngrams=(2, 5)),
