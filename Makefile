@@ -32,16 +32,16 @@ proto-check: $(STAMP)
 	$(PY) -m pytest -q tests/test_proto_stubs.py
 
 models: $(STAMP)
-	$(PY) -m tiergate.cli models build --out $(MODELS) $(if $(DATA),--data $(DATA),)
+	$(PY) -m app.cli models build --out $(MODELS) $(if $(DATA),--data $(DATA),)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 run: $(STAMP)
-	$(PY) -m tiergate.cli demo --models $(MODELS) $(if $(DATA),--data $(DATA),)
+	$(PY) -m app.cli demo --models $(MODELS) $(if $(DATA),--data $(DATA),)
 
 bench: $(STAMP)
-	$(PY) -m tiergate.cli bench --models $(MODELS) $(if $(DATA),--data $(DATA),)
+	$(PY) -m app.cli bench --models $(MODELS) $(if $(DATA),--data $(DATA),)
 
 clean:
 	rm -rf $(VENV) artifacts reports .pytest_cache

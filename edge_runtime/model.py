@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backend import EdgeBackend
-from edge_runtime.featurize import HashedNgramFeaturizer
+from tiergate.features import HashedNgramFeaturizer
 from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.scoring import Scored, score
 

@@ -29,14 +29,14 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete model directory (manifest, INT8 edge, FP32 cloud) trained in seconds on generated data."""
-    from tiergate.training.tiny import build_tiny_models
+    from training.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_rows(tiny_models: Path) -> list[tuple[str, str]]:
-    from tiergate.training.tiny import tiny_examples
+    from training.tiny import tiny_examples
 
     return tiny_examples(seed=0)
 

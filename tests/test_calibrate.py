@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tiergate.scoring import softmax
-from tiergate.training.calibrate import (
+from training.calibrate import (
     ESCALATE_ALL,
     auroc,
     cascade_curve,
@@ -16,7 +16,7 @@ from tiergate.training.calibrate import (
     threshold_for_escalation,
     threshold_for_quality,
 )
-from tiergate.training.data import grouped_split, normalise_name
+from training.data import grouped_split, normalise_name
 
 
 def test_auroc_known_values() -> None:

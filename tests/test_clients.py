@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tiergate.demo import LocalStack
+from app.demo import LocalStack
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def run_cli(*args: str) -> str:
     """Run `tiergate ARGS` in a fresh process; return its stdout, failing with its output on a non-zero exit."""
     done = subprocess.run(
-        [sys.executable, "-m", "tiergate.cli", "--log-level", "warning", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "app.cli", "--log-level", "warning", *args], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 
-from tiergate.cli import build_parser
+from app.cli import build_parser
 from tiergate.envelope import Keyring
 from tiergate.rpc import ManagedServer
 from tiergate.settings import CloudSettings, GatewaySettings, load_settings

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from edge_runtime.featurize import HashedNgramFeaturizer
+from tiergate.features import HashedNgramFeaturizer
 
 
 def test_shape_dtype_padding_and_range() -> None:
@@ -57,7 +57,7 @@ def test_rejects_a_bare_string() -> None:
 def test_ids_are_stable_across_processes() -> None:
     # Python's hash() is salted per process; crc32 ids must not be.
     code = (
-        "from edge_runtime.featurize import HashedNgramFeaturizer as H;"
+        "from tiergate.features import HashedNgramFeaturizer as H;"
         "print(H().transform(['Greek Yogurt Vanilla'])[0].tolist())"
     )
     outputs = {
@@ -80,7 +80,7 @@ def test_is_fast_enough_for_the_edge() -> None:
 
 
 def test_ngram_blocks_concatenate_and_round_trip() -> None:
-    from edge_runtime.featurize import HashedNgramFeaturizer, NgramBlocks
+    from tiergate.features import HashedNgramFeaturizer, NgramBlocks
 
     words = HashedNgramFeaturizer(n_buckets=512, max_features=8, word_ngrams=(1, 2), char_ngrams=(0, 0))
     chars = HashedNgramFeaturizer(n_buckets=512, max_features=16, word_ngrams=(1, 0), char_ngrams=(2, 3))

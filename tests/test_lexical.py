@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch", reason="the train extra (torch) is needed to build models")
 
 from cloud_runtime.model import CloudModel  # noqa: E402
-from tiergate.training.cloud_train import (  # noqa: E402
+from training.cloud_train import (  # noqa: E402
     Fusion,
     FusedCloudNet,
     TinyCloudNet,
@@ -20,7 +20,7 @@ from tiergate.training.cloud_train import (  # noqa: E402
     save_tokenizer,
     train_wordlevel_tokenizer,
 )
-from tiergate.training.lexical import (  # noqa: E402
+from training.lexical import (  # noqa: E402
     fit_idf,
     fold_of,
     lexical_featurizer,

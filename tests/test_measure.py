@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.model import EdgeModel
-from tiergate.measure import batch1_latency_ms, batched_logits, percentile
+from training.measure import batch1_latency_ms, batched_logits, percentile
 
 
 def test_batched_logits_match_one_call_across_batch_edges(tiny_models: Path, tiny_rows: list[tuple[str, str]]) -> None:

@@ -30,8 +30,8 @@ def real_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build on a seeded slice with the fast test configuration (tiny cloud stand-in, small edge)."""
     from dataclasses import replace
 
-    from tiergate.training.build import build_models
-    from tiergate.training.tiny import tiny_config
+    from training.build import build_models
+    from training.tiny import tiny_config
 
     out = tmp_path_factory.mktemp("real") / "models"
     config = replace(tiny_config(), demo_rows=0, demo_labels=None, target_quality=None, target_escalation=TARGET)
@@ -55,8 +55,8 @@ def test_manifest_describes_the_real_build(real_models: Path) -> None:
 
 def test_heldout_rows_never_appear_in_training(real_models: Path) -> None:
     from tiergate.manifest import load_manifest
-    from tiergate.training.build import heldout_examples, load_split_for_manifest
-    from tiergate.training.data import normalise_name
+    from training.data import heldout_examples, load_split_for_manifest
+    from training.data import normalise_name
 
     catalogue, split = load_split_for_manifest(load_manifest(real_models), INSTACART)
     held = heldout_examples(real_models, INSTACART)
@@ -68,7 +68,7 @@ def test_heldout_rows_never_appear_in_training(real_models: Path) -> None:
 
 
 def test_heldout_needs_the_data_dir(real_models: Path) -> None:
-    from tiergate.training.build import heldout_examples
+    from training.data import heldout_examples
 
     with pytest.raises(ValueError, match="--data"):
         heldout_examples(real_models, None)
@@ -80,8 +80,8 @@ def test_calibration_contract_holds_on_heldout_rows(real_models: Path, tmp_path:
 
     from edge_runtime.model import EdgeModel
     from tiergate.manifest import load_manifest
-    from tiergate.training.build import heldout_examples
-    from tiergate.training.calibrate import calibrate
+    from training.data import heldout_examples
+    from training.calibrate import calibrate
 
     models = tmp_path / "models"
     shutil.copytree(real_models, models)
@@ -101,7 +101,7 @@ def test_calibration_contract_holds_on_heldout_rows(real_models: Path, tmp_path:
 def test_quality_calibration_meets_the_floor_on_validation(real_models: Path, tmp_path: Path) -> None:
     import shutil
 
-    from tiergate.training.calibrate import calibrate
+    from training.calibrate import calibrate
 
     models = tmp_path / "models"
     shutil.copytree(real_models, models)
@@ -110,7 +110,7 @@ def test_quality_calibration_meets_the_floor_on_validation(real_models: Path, tm
 
 
 def test_eval_writes_the_report(real_models: Path, tmp_path: Path) -> None:
-    from tiergate.training.evaluate import evaluate
+    from training.evaluate import evaluate
 
     bigbasket = BIGBASKET if (BIGBASKET / "bigbasket_products.csv").is_file() else None
     report = evaluate(real_models, INSTACART, tmp_path / "report", bigbasket_dir=bigbasket, bigbasket_limit=600,

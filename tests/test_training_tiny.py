@@ -14,9 +14,9 @@ from cloud_runtime.model import CloudModel  # noqa: E402
 from edge_runtime.model import EdgeModel  # noqa: E402
 from tiergate.manifest import ManifestError, load_manifest  # noqa: E402
 from tiergate.scoring import SIGNALS  # noqa: E402
-from tiergate.training.build import heldout_examples  # noqa: E402
-from tiergate.training.calibrate import calibrate  # noqa: E402
-from tiergate.training.tiny import build_tiny_models, tiny_examples  # noqa: E402
+from training.data import heldout_examples  # noqa: E402
+from training.calibrate import calibrate  # noqa: E402
+from training.tiny import build_tiny_models, tiny_examples  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_onnx_interfaces(tiny_dir: Path) -> None:
 
 
 def test_cloud_graph_fuses_its_parts_as_the_manifest_says(tiny_dir: Path) -> None:
-    from tiergate.training.cloud_train import Fusion, fuse
+    from training.cloud_train import Fusion, fuse
 
     manifest = load_manifest(tiny_dir)
     fusion = Fusion(**manifest.cloud.metrics["training"]["fusion"])
@@ -169,7 +169,7 @@ def test_calibrate_for_target_quality(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_truncated_minilm_alternative_is_measured_and_recorded(tiny_dir: Path, tmp_path: Path) -> None:
-    from tiergate.training.edge_alternatives import truncated_minilm_alternative
+    from training.edge_alternatives import truncated_minilm_alternative
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_dir, copy)

@@ -1,4 +1,4 @@
-"""Hashed word and character n-gram ids: the edge model's text preprocessing."""
+"""Text features both tiers share: hashed word and character n-gram ids, and the subword tokenizer helpers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +160,33 @@ class NgramBlocks:
     def transform(self, texts: Sequence[str]) -> np.ndarray:
         """int32 [n, sum of widths]: each block's ids, zero-padded within its block."""
         return np.concatenate([b.transform(texts) for b in self.blocks], axis=1)
+
+
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    """The padding id a tokenizer.json declares, else the id of ``[PAD]``, else 0."""
+    padding = tokenizer.padding
+    if padding is not None:
+        return int(padding.get("pad_id", 0))
+    pad = tokenizer.token_to_id("[PAD]")
+    return 0 if pad is None else int(pad)
+
+
+def prepare_tokenizer(tokenizer: Tokenizer, max_length: int) -> int:
+    """Turn off built-in padding, truncate at ``max_length``; return the pad id for ``encode_batch``."""
+    pad_id = pad_id_of(tokenizer)
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return pad_id
+
+
+def encode_batch(tokenizer: Tokenizer, texts: Sequence[str], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 input_ids and attention_mask [n, longest in batch]; training and serving share this."""
+    encodings = tokenizer.encode_batch(list(texts))
+    longest = max(1, max((len(e.ids) for e in encodings), default=1))
+    input_ids = np.full((len(encodings), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encodings), longest), dtype=np.int64)
+    for row, encoding in enumerate(encodings):
+        size = len(encoding.ids)
+        input_ids[row, :size] = encoding.ids
+        mask[row, :size] = 1
+    return input_ids, mask

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tiergate.manifest import RoutingSpec, load_manifest, with_routing, write_manifest
-from tiergate.measure import batched_logits
+from training.measure import batched_logits
 from tiergate.scoring import SIGNALS, confidence_from_probs, softmax
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def calibrate(
     """Re-derive the validation split, run both tiers through the serving runtime, pick and store the threshold."""
     from cloud_runtime.model import CloudModel
     from edge_runtime.model import EdgeModel
-    from tiergate.training.build import load_split_for_manifest
+    from training.data import load_split_for_manifest
 
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)

@@ -23,7 +23,7 @@ from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate.envelope import Keyring
 from tiergate.manifest import MANIFEST_NAME, load_manifest
-from tiergate.measure import percentile
+from training.measure import percentile
 
 MODEL_NAME = "product-category"
 
@@ -36,7 +36,7 @@ class ServerProcess:
         port_file = Path(self._workdir.name) / "port"
         self.log_path = log_path or Path(self._workdir.name) / "server.log"
         self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "tiergate.cli", "serve", *args, "--port", "0", "--port-file", str(port_file)]
+        command = [sys.executable, "-m", "app.cli", "serve", *args, "--port", "0", "--port-file", str(port_file)]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + startup_timeout_s
         while not port_file.exists():
@@ -150,7 +150,7 @@ def ensure_models(models_dir: Path, data_dir: Path | None) -> None:
             print(f"models: using {models_dir} (built from {source})")
             return
         print(f"models: {models_dir} was built from {source!r}, not {wanted!r}; rebuilding")
-    from tiergate.training.build import build_models
+    from training.build import build_models
 
     print(f"models: building into {models_dir} from {'demo data' if data_dir is None else data_dir.name} ...")
     started = time.perf_counter()
@@ -233,7 +233,7 @@ def format_summary(report: TrafficReport) -> str:
 
 
 def run_demo(options: DemoOptions) -> int:
-    from tiergate.training.build import heldout_examples
+    from training.data import heldout_examples
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_models(options.models_dir, options.data_dir)

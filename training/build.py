@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.featurize import HashedNgramFeaturizer
+from tiergate.features import HashedNgramFeaturizer
 from tiergate.manifest import (
     FORMAT_VERSION,
     CloudSpec,
@@ -30,8 +30,8 @@ from tiergate.manifest import (
     artifact,
     write_manifest,
 )
-from tiergate.measure import batch1_latency_ms, batched_components, batched_logits
-from tiergate.training.data import (
+from training.measure import batch1_latency_ms, batched_components, batched_logits
+from training.data import (
     INSTACART_SOURCE,
     SPLIT_FRACTIONS,
     Catalogue,
@@ -39,7 +39,7 @@ from tiergate.training.data import (
     grouped_split,
     load_instacart,
 )
-from tiergate.training.demo_catalogue import DEMO_SOURCE, generate_demo_catalogue
+from training.data import DEMO_SOURCE, generate_demo_catalogue
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class BuildConfig:
 
 def default_config(real_data: bool) -> BuildConfig:
     """Settings for a demo build (minutes) or a real Instacart build (about half an hour on 2 cores)."""
-    from tiergate.training.cloud_train import CloudConfig
-    from tiergate.training.edge_train import EdgeConfig
+    from training.cloud_train import CloudConfig
+    from training.edge_train import EdgeConfig
 
     if real_data:
         return BuildConfig(
@@ -101,41 +101,6 @@ def load_catalogue(data_dir: Path | None, task: str, seed: int, config: BuildCon
     return load_instacart(Path(data_dir), task=task, limit=config.limit, seed=seed)
 
 
-def load_split_for_manifest(manifest: Manifest, data_dir: Path | None) -> tuple[Catalogue, Split]:
-    """Re-derive the catalogue and the exact split a model set was built with, from the manifest's data record."""
-    data = manifest.data
-    seed = int(data["seed"])
-    if data["source"] == DEMO_SOURCE:
-        catalogue = generate_demo_catalogue(int(data["demo_rows"]), seed=seed, n_labels=data.get("demo_labels"))
-    elif data["source"] == INSTACART_SOURCE:
-        if data_dir is None:
-            raise ValueError(
-                f"these models were built on {INSTACART_SOURCE}; pass its directory (--data DIR) to re-derive the split"
-            )
-        catalogue = load_instacart(Path(data_dir), task=manifest.task, limit=data.get("limit"), seed=seed)
-    else:
-        raise ManifestError(f"unknown data source {data['source']!r} in the manifest")
-    if catalogue.labels != manifest.labels:
-        raise ValueError("the data's labels differ from the manifest's; is this the catalogue the models were built on?")
-    split = grouped_split(catalogue.texts, seed, tuple(data.get("fractions", SPLIT_FRACTIONS)))
-    if split.sizes() != data.get("sizes", split.sizes()):
-        raise ValueError(
-            f"re-derived split sizes {split.sizes()} differ from the build's {data.get('sizes')}; "
-            "the data directory does not hold the catalogue the models were built on"
-        )
-    return catalogue, split
-
-
-def heldout_examples(model_dir: Path, data_dir: Path | None = None, limit: int | None = None) -> list[tuple[str, str]]:
-    """(text, label) rows of the test split the models in ``model_dir`` never saw."""
-    from tiergate.manifest import load_manifest
-
-    manifest = load_manifest(Path(model_dir), verify=False)
-    catalogue, split = load_split_for_manifest(manifest, data_dir)
-    rows = [(catalogue.texts[i], catalogue.labels[int(catalogue.y[i])]) for i in split.test]
-    return rows if limit is None else rows[:limit]
-
-
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return round(float((logits.argmax(1) == y).mean()), 4) if len(y) else 0.0
 
@@ -145,7 +110,7 @@ def _escalation_at_floor(
 ) -> tuple[float, str]:
     """Least escalation (over the three signals) that keeps the cascade at ``quality`` x cloud on these rows."""
     from tiergate.scoring import SIGNALS, score
-    from tiergate.training.calibrate import routing_from_predictions
+    from training.calibrate import routing_from_predictions
 
     best = (2.0, "max_prob")
     for signal in SIGNALS:
@@ -164,9 +129,9 @@ def build_from_catalogue(
     from cloud_runtime.model import CloudModel
     from edge_runtime.model import EdgeModel
     from tiergate.scoring import score
-    from tiergate.training.calibrate import fit_temperature, routing_from_predictions, signal_aurocs
-    from cloud_runtime.model import prepare_tokenizer
-    from tiergate.training.cloud_train import (
+    from training.calibrate import fit_temperature, routing_from_predictions, signal_aurocs
+    from tiergate.features import prepare_tokenizer
+    from training.cloud_train import (
         FusedCloudNet,
         export_cloud_onnx,
         fit_fusion,
@@ -175,9 +140,9 @@ def build_from_catalogue(
         save_tokenizer,
         train_cloud,
     )
-    from tiergate.training.lexical import train_lexical
-    from tiergate.training.edge_train import export_edge_onnx, train_edge
-    from tiergate.training.quantize import quantize_dynamic_int8, quantize_qdq
+    from training.lexical import train_lexical
+    from training.edge_train import export_edge_onnx, train_edge
+    from training.quantize import quantize_dynamic_int8, quantize_qdq
 
     torch.set_num_threads(2)
     started = time.perf_counter()

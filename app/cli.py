@@ -70,7 +70,7 @@ async def _serve_cloud(args: argparse.Namespace) -> None:
 def _models_alternatives(args: argparse.Namespace) -> int:
     import tempfile
 
-    from tiergate.training.edge_alternatives import truncated_minilm_alternative
+    from training.edge_alternatives import truncated_minilm_alternative
 
     with tempfile.TemporaryDirectory() as work:
         result = truncated_minilm_alternative(args.models, args.data, Path(work), layers=args.layers, epochs=args.epochs)
@@ -79,7 +79,7 @@ def _models_alternatives(args: argparse.Namespace) -> int:
 
 
 def _models_build(args: argparse.Namespace) -> int:
-    from tiergate.training.build import build_models
+    from training.build import build_models
 
     manifest = build_models(args.out, data_dir=args.data, task=args.task, seed=args.seed)
     print(f"built model set {manifest.version} in {args.out}")
@@ -88,7 +88,7 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from tiergate.training.calibrate import calibrate
+    from training.calibrate import calibrate
 
     if (args.target_escalation is None) == (args.target_quality is None):
         print("give exactly one of --target-escalation or --target-quality", file=sys.stderr)
@@ -101,7 +101,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tiergate.training.evaluate import evaluate
+    from training.evaluate import evaluate
 
     report = evaluate(args.models, args.data, args.out, bigbasket_dir=args.bigbasket)
     print(f"wrote {args.out}/report.md, report.json, report.png")
@@ -112,7 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tiergate.demo import DemoOptions, run_demo
+    from app.demo import DemoOptions, run_demo
 
     options = DemoOptions(
         models_dir=args.models,
@@ -125,7 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from tiergate.bench import run_bench
+    from app.bench import run_bench
 
     return run_bench(args.models, args.data, args.keyring, requests=args.requests, calls=args.calls)
 

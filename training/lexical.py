@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sparse
 
-from edge_runtime.featurize import HashedNgramFeaturizer, NgramBlocks
-from tiergate.training.data import normalise_name
+from tiergate.features import HashedNgramFeaturizer, NgramBlocks
+from training.data import normalise_name
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import onnxruntime
 
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
-from tiergate.demo import LocalStack, ensure_models, send_traffic
+from app.demo import LocalStack, ensure_models, send_traffic
 from tiergate.envelope import Keyring
 from tiergate.manifest import load_manifest
-from tiergate.measure import Timing, percentile, time_calls
+from training.measure import Timing, percentile, time_calls
 
 
 def _size_mb(path: Path) -> float:
@@ -23,7 +23,7 @@ def _size_mb(path: Path) -> float:
 
 
 def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, requests: int, calls: int) -> int:
-    from tiergate.training.build import heldout_examples
+    from training.data import heldout_examples
 
     ensure_models(models_dir, data_dir)
     manifest = load_manifest(models_dir)

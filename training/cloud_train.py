@@ -1,7 +1,7 @@
 """Cloud classifiers (fine-tuned MiniLM, or a tiny stand-in for tests), their training loop and ONNX export.
 
 The served cloud model is one ONNX graph: the deep classifier plus, when configured, the lexical branch
-(``tiergate.training.lexical``), each trained on its own and fused as ``Fusion`` says (fitted on validation).
+(``training.lexical``), each trained on its own and fused as ``Fusion`` says (fitted on validation).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from cloud_runtime.model import encode_batch, prepare_tokenizer
-from tiergate.training.lexical import LexicalModel
+from tiergate.features import encode_batch, prepare_tokenizer
+from training.lexical import LexicalModel
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class FusedCloudNet(nn.Module):
     """The deep classifier and the lexical branch in one graph: logits, deep_logits, lexical_logits.
 
     Inputs: input_ids, attention_mask (the tokenizer's) and ngram_ids (the lexical featurizer's,
-    0 = padding). The lexical part is the TF-IDF sum of ``tiergate.training.lexical`` as Gather + MatMul.
+    0 = padding). The lexical part is the TF-IDF sum of ``training.lexical`` as Gather + MatMul.
     """
 
     def __init__(self, deep: nn.Module, lexical: LexicalModel, fusion: Fusion) -> None:

@@ -13,10 +13,10 @@ import numpy as np
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
 from tiergate.manifest import Manifest, load_manifest
-from tiergate.measure import batch1_latency_ms, batched_components, batched_logits
+from training.measure import batch1_latency_ms, batched_components, batched_logits
 from tiergate.scoring import SIGNALS, score
-from tiergate.training.calibrate import auroc, cascade_curve
-from tiergate.training.data import load_bigbasket_departments
+from training.calibrate import auroc, cascade_curve
+from training.data import load_bigbasket_departments
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def evaluate(
     latency_samples: int = 500,
 ) -> dict[str, Any]:
     """Evaluate the model set on its held-out test split (and BigBasket when given); write report.json/.md/.png."""
-    from tiergate.training.build import load_split_for_manifest
+    from training.data import load_split_for_manifest
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     manifest = load_manifest(model_dir)

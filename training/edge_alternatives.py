@@ -13,7 +13,7 @@ import numpy as np
 
 from cloud_runtime.model import CloudModel
 from tiergate.manifest import load_manifest, write_manifest
-from tiergate.measure import batched_components, batched_logits
+from training.measure import batched_components, batched_logits
 from tiergate.scoring import SIGNALS, score
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,11 @@ def truncated_minilm_alternative(
 
     import torch
 
-    from tiergate.training.build import load_split_for_manifest
-    from tiergate.training.calibrate import fit_temperature, routing_from_predictions
-    from tiergate.training.cloud_train import MiniLMClassifier, export_cloud_onnx, save_tokenizer
-    from tiergate.training.edge_train import kd_loss
-    from tiergate.training.quantize import quantize_dynamic_int8
+    from training.data import load_split_for_manifest
+    from training.calibrate import fit_temperature, routing_from_predictions
+    from training.cloud_train import MiniLMClassifier, export_cloud_onnx, save_tokenizer
+    from training.edge_train import kd_loss
+    from training.quantize import quantize_dynamic_int8
 
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -63,7 +63,7 @@ def truncated_minilm_alternative(
 
     # Student: the pretrained MiniLM cut to its first layers, trained on soft + hard labels
     # (the shared cloud loop uses hard labels only, so distillation has its own loop here).
-    import tiergate.training.cloud_train as cloud_train
+    import training.cloud_train as cloud_train
 
     student = MiniLMClassifier(len(catalogue.labels))
     student.encoder.encoder.layer = student.encoder.encoder.layer[:layers]

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 from tiergate.manifest import Manifest
-from tiergate.training.build import BuildConfig, build_from_catalogue
-from tiergate.training.data import grouped_split
-from tiergate.training.demo_catalogue import DEMO_SOURCE, generate_demo_catalogue
+from training.build import BuildConfig, build_from_catalogue
+from training.data import grouped_split
+from training.data import DEMO_SOURCE, generate_demo_catalogue
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +18,8 @@ TINY_LABELS = 4
 
 def tiny_config() -> BuildConfig:
     """A tiny word-level + embedding-mean cloud stand-in with a 2**12-bucket lexical branch, and a 2**12-bucket edge."""
-    from tiergate.training.cloud_train import CloudConfig
-    from tiergate.training.edge_train import EdgeConfig
+    from training.cloud_train import CloudConfig
+    from training.edge_train import EdgeConfig
 
     return BuildConfig(
         cloud=CloudConfig(kind="tiny", max_length=24, epochs=12, batch_size=32, head_lr=2e-2, tiny_dim=32, tiny_vocab=400,
