@@ -9,17 +9,20 @@ MODELS ?= artifacts/models/$(if $(DATA),$(notdir $(patsubst %/,%,$(DATA))),defau
 DATA ?=
 PROTOS := proto/inference/grpc_service.proto proto/tiergate/cloud.proto
 
-.PHONY: help venv proto proto-check test run bench models clean
+.PHONY: help venv proto proto-check lint format test test-fast run bench models clean
 
 help:
 	@echo "make run    build default models if missing, start cloud + gateway on loopback, send traffic, print a summary"
 	@echo "make test   run the test suite"
+	@echo "make test-fast  the suite without the slow tests (no real builds or subprocess servers)"
+	@echo "make lint   ruff (lint and format check) and mypy"
+	@echo "make format apply ruff's fixes and formatting"
 	@echo "make proto  regenerate the gRPC stubs from proto/"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[train,test]"
+	$(PY) -m pip install -q -e ".[train,test,dev]"
 	touch $@
 
 venv: $(STAMP)
@@ -36,6 +39,18 @@ models: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 run: $(STAMP)
 	$(PY) -m app.cli demo --models $(MODELS) $(if $(DATA),--data $(DATA),)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from tiergate.constants import MODEL_NAME
+
 ENV_PREFIX = "TIERGATE_"
 DEFAULT_MODELS_DIR = Path("artifacts/models/default")
 DEFAULT_KEYRING = Path("artifacts/keys/seal-keys.json")
@@ -43,7 +45,7 @@ class LimitSettings:
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8001
-    model_name: str = "product-category"
+    model_name: str = MODEL_NAME
     models_dir: Path = DEFAULT_MODELS_DIR
     # Tier names in escalation order; the last one answers heavy requests.
     chain: list[str] = field(default_factory=lambda: ["edge", "cloud"])
@@ -61,7 +63,7 @@ class CloudSettings:
     host: str = "127.0.0.1"
     port: int = 8101
     # Must match the gateway's model_name: the gateway asks the cloud for its own model.
-    model_name: str = "product-category"
+    model_name: str = MODEL_NAME
     models_dir: Path = DEFAULT_MODELS_DIR
     keyring_path: Path = DEFAULT_KEYRING
     grace_s: float = 5.0

@@ -1,0 +1,23 @@
+"""The names of the served model's wire contract: model, input, outputs and parameters, in one place."""
+
+from __future__ import annotations
+
+from typing import Final
+
+MODEL_NAME: Final = "product-category"
+
+INPUT_NAME: Final = "text"
+INPUT_DATATYPE: Final = "BYTES"
+
+LABEL_OUTPUT: Final = "label"
+CONFIDENCE_OUTPUT: Final = "confidence"
+TIER_OUTPUT: Final = "tier"
+# Output name -> OIP datatype, in the order responses list them.
+OUTPUTS: Final[dict[str, str]] = {LABEL_OUTPUT: "BYTES", CONFIDENCE_OUTPUT: "FP32", TIER_OUTPUT: "BYTES"}
+
+# Request parameter: the caller's routing hint (auto, edge, cloud).
+HINT_PARAMETER: Final = "tier"
+# Response parameters.
+REASONS_PARAMETER: Final = "escalation_reasons"
+DEGRADED_PARAMETER: Final = "degraded"
+ROWS_PARAMETER_SUFFIX: Final = "_rows"  # "<tier>_rows": how many rows that tier answered
