@@ -10,9 +10,9 @@ from pathlib import Path
 
 import onnxruntime
 
+from app.demo import LocalStack, ensure_models, send_traffic
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
-from app.demo import LocalStack, ensure_models, send_traffic
 from tiergate.envelope import Keyring
 from tiergate.manifest import load_manifest
 from training.measure import Timing, percentile, time_calls
@@ -36,17 +36,29 @@ def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, reque
         f"{len(texts)} held-out texts; {calls} timed calls per row below (after warm-up)"
     )
     rows: list[tuple[str, float, Timing, Timing]] = []
-    for variant, artifact in (("int8", manifest.edge.onnx), ("qdq", manifest.edge.qdq_onnx), ("fp32", manifest.edge.fp32_onnx)):
+    for variant, artifact in (
+        ("int8", manifest.edge.onnx),
+        ("qdq", manifest.edge.qdq_onnx),
+        ("fp32", manifest.edge.fp32_onnx),
+    ):
         edge = EdgeModel.load(models_dir, manifest, variant=variant)
         rows.append(
-            (f"edge {variant} ({Path(artifact.path).name})", _size_mb(models_dir / artifact.path),
-             time_calls(edge.predict, texts, 1, calls), time_calls(edge.predict, texts, 32, max(10, calls // 10)))
+            (
+                f"edge {variant} ({Path(artifact.path).name})",
+                _size_mb(models_dir / artifact.path),
+                time_calls(edge.predict, texts, 1, calls),
+                time_calls(edge.predict, texts, 32, max(10, calls // 10)),
+            )
         )
         edge.close()
     cloud = CloudModel.load(models_dir, manifest)
     rows.append(
-        ("cloud fp32", _size_mb(models_dir / manifest.cloud.onnx.path),
-         time_calls(cloud.predict, texts, 1, max(50, calls // 5)), time_calls(cloud.predict, texts, 32, max(5, calls // 50)))
+        (
+            "cloud fp32",
+            _size_mb(models_dir / manifest.cloud.onnx.path),
+            time_calls(cloud.predict, texts, 1, max(50, calls // 5)),
+            time_calls(cloud.predict, texts, 32, max(5, calls // 50)),
+        )
     )
     cloud.close()
     print(f"{'model':<44}{'MB':>8}{'b1 p50 ms':>11}{'b1 p99 ms':>11}{'b32 rows/s':>12}")
@@ -65,7 +77,10 @@ def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, reque
         report = asyncio.run(send_traffic(stack.gateway_target, examples, concurrency=1))
         forced = examples[: max(50, requests // 10)]
         hinted = asyncio.run(send_traffic(stack.gateway_target, forced, concurrency=1, hint="cloud"))
-    print(f"end to end through the gateway, sequential single-row requests ({len(report.outcomes)} auto, {len(hinted.outcomes)} forced to cloud):")
+    print(
+        "end to end through the gateway, sequential single-row requests "
+        f"({len(report.outcomes)} auto, {len(hinted.outcomes)} forced to cloud):"
+    )
     print(f"{'path':<28}{'rows':>7}{'p50 ms':>9}{'p99 ms':>9}")
     paths = {
         "edge (auto)": [o.latency_ms for o in report.outcomes if o.tier == "edge"],

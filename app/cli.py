@@ -1,18 +1,23 @@
-"""The `tiergate` command line: build, calibrate and evaluate models; serve the gateway and cloud tiers; run the demo."""
+"""The `tiergate` command line: build, calibrate and evaluate models; serve either tier; run the demo and bench."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import asyncio
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from tiergate.settings import DEFAULT_KEYRING, DEFAULT_MODELS_DIR, CloudSettings, GatewaySettings, Settings, load_settings
-
-logger = logging.getLogger("tiergate")
+from tiergate.settings import (
+    DEFAULT_KEYRING,
+    DEFAULT_MODELS_DIR,
+    CloudSettings,
+    GatewaySettings,
+    Settings,
+    load_settings,
+)
 
 
 def _configure_logging(level: str) -> None:
@@ -73,7 +78,9 @@ def _models_alternatives(args: argparse.Namespace) -> int:
     from training.edge_alternatives import truncated_minilm_alternative
 
     with tempfile.TemporaryDirectory() as work:
-        result = truncated_minilm_alternative(args.models, args.data, Path(work), layers=args.layers, epochs=args.epochs)
+        result = truncated_minilm_alternative(
+            args.models, args.data, Path(work), layers=args.layers, epochs=args.epochs
+        )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -137,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="build model sets").add_subparsers(dest="action", required=True)
     build = models.add_parser("build", help="train, export, quantize and calibrate the edge and cloud models")
-    build.add_argument("--data", type=Path, default=None, help="instacart-products directory (default: generated demo data)")
+    build.add_argument(
+        "--data", type=Path, default=None, help="instacart-products directory (default: generated demo data)"
+    )
     build.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR, help="model directory to write")
     build.add_argument("--task", choices=["aisle", "department"], default="aisle")
     build.add_argument("--seed", type=int, default=0)
@@ -190,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=8)
     demo.set_defaults(handler=_demo)
 
-    bench = commands.add_parser("bench", help="edge INT8/FP32 vs cloud latency and size, then per-tier latency end to end")
+    bench = commands.add_parser(
+        "bench", help="edge INT8/FP32 vs cloud latency and size, then per-tier latency end to end"
+    )
     bench.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     bench.add_argument("--data", type=Path, default=None)
     bench.add_argument("--keyring", type=Path, default=DEFAULT_KEYRING)

@@ -1,4 +1,4 @@
-"""`make run`: build models if missing, start cloud and gateway on loopback, replay held-out traffic, print a summary."""
+"""`make run`: build models if missing, start both tiers on loopback, replay held-out traffic, print a summary."""
 
 from __future__ import annotations
 
@@ -21,11 +21,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
+from tiergate.constants import (
+    HINT_PARAMETER,
+    INPUT_DATATYPE,
+    INPUT_NAME,
+    LABEL_OUTPUT,
+    MODEL_NAME,
+    REASONS_PARAMETER,
+    TIER_OUTPUT,
+)
 from tiergate.envelope import Keyring
 from tiergate.manifest import MANIFEST_NAME, load_manifest
 from training.measure import percentile
-
-MODEL_NAME = "product-category"
 
 
 class ServerProcess:
@@ -161,8 +168,8 @@ def ensure_models(models_dir: Path, data_dir: Path | None) -> None:
 def _request(text: str, hint: str | None = None) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=MODEL_NAME)
     if hint is not None:
-        request.parameters["tier"].string_param = hint
-    tensor = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        request.parameters[HINT_PARAMETER].string_param = hint
+    tensor = request.inputs.add(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[1])
     tensor.contents.bytes_contents.append(text.encode("utf-8"))
     return request
 
@@ -189,15 +196,22 @@ async def send_traffic(
                     continue
                 latency_ms = (time.perf_counter() - started) * 1000.0
                 outputs = {out.name: out for out in reply.outputs}
-                predicted = outputs["label"].contents.bytes_contents[0].decode()
-                tier = outputs["tier"].contents.bytes_contents[0].decode()
-                reasons = json.loads(reply.parameters["escalation_reasons"].string_param)[0]
+                predicted = outputs[LABEL_OUTPUT].contents.bytes_contents[0].decode()
+                tier = outputs[TIER_OUTPUT].contents.bytes_contents[0].decode()
+                reasons = json.loads(reply.parameters[REASONS_PARAMETER].string_param)[0]
                 report.outcomes.append(Outcome(tier, reasons, latency_ms, predicted == label))
 
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         report.wall_s = time.perf_counter() - started
     return report
+
+
+def _summary_row(name: str, group: Sequence[Outcome]) -> str:
+    latencies = [o.latency_ms for o in group]
+    accuracy = sum(o.correct for o in group) / len(group)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    return f"{name:<8}{len(group):>7}{p50:>9.2f}{p99:>9.2f}{accuracy:>10.3f}"
 
 
 def format_summary(report: TrafficReport) -> str:
@@ -219,16 +233,8 @@ def format_summary(report: TrafficReport) -> str:
     lines.append("escalations         " + (", ".join(f"{r}={n}" for r, n in reasons.most_common()) or "none"))
     lines.append(f"{'tier':<8}{'rows':>7}{'p50 ms':>9}{'p99 ms':>9}{'accuracy':>10}")
     for tier, group in sorted(by_tier.items()):
-        latencies = [o.latency_ms for o in group]
-        accuracy = sum(o.correct for o in group) / len(group)
-        lines.append(
-            f"{tier:<8}{len(group):>7}{percentile(latencies, 0.5):>9.2f}{percentile(latencies, 0.99):>9.2f}{accuracy:>10.3f}"
-        )
-    overall = sum(o.correct for o in outcomes) / len(outcomes)
-    all_latency = [o.latency_ms for o in outcomes]
-    lines.append(
-        f"{'all':<8}{len(outcomes):>7}{percentile(all_latency, 0.5):>9.2f}{percentile(all_latency, 0.99):>9.2f}{overall:>10.3f}"
-    )
+        lines.append(_summary_row(tier, group))
+    lines.append(_summary_row("all", outcomes))
     return "\n".join(lines)
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from tiergate.features import NgramBlocks, encode_batch, prepare_tokenizer
 from tiergate.manifest import CLOUD_ROLES, Manifest, load_manifest
 from tiergate.onnx_session import cpu_session
-from tiergate.features import NgramBlocks, encode_batch, prepare_tokenizer
 from tiergate.scoring import Scored, score
 
 logger = logging.getLogger(__name__)
@@ -81,8 +81,11 @@ class CloudModel:
         if (NGRAM_INPUT in names) != (featurizer_config is not None):
             raise ValueError(
                 f"cloud ONNX model {Path(onnx_path).name} "
-                + ("takes ngram_ids but the manifest gives no cloud featurizer" if NGRAM_INPUT in names
-                   else "takes no ngram_ids but the manifest gives a cloud featurizer")
+                + (
+                    "takes ngram_ids but the manifest gives no cloud featurizer"
+                    if NGRAM_INPUT in names
+                    else "takes no ngram_ids but the manifest gives a cloud featurizer"
+                )
             )
         logger.info("cloud model loaded %s (%d intra-op threads)", Path(onnx_path).name, intra_op_threads)
         return cls(
@@ -124,7 +127,9 @@ class CloudModel:
         if len(texts) == 0:
             return [np.zeros((0, len(self.labels)), dtype=np.float32) for _ in outputs]
         if len(texts) > MAX_ROWS_PER_RUN:
-            chunks = [self._run(texts[i : i + MAX_ROWS_PER_RUN], outputs) for i in range(0, len(texts), MAX_ROWS_PER_RUN)]
+            chunks = [
+                self._run(texts[i : i + MAX_ROWS_PER_RUN], outputs) for i in range(0, len(texts), MAX_ROWS_PER_RUN)
+            ]
             return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(outputs))]
         input_ids, mask = self.encode(texts)
         feeds = {"input_ids": input_ids, "attention_mask": mask}
@@ -138,7 +143,7 @@ class CloudModel:
 
     def components(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Every output of the graph by name (logits, and deep_logits / lexical_logits where present)."""
-        return dict(zip(self.outputs, self._run(texts, self.outputs)))
+        return dict(zip(self.outputs, self._run(texts, self.outputs), strict=True))
 
     def predict(self, texts: Sequence[str]) -> Scored:
         """Labels and confidence under the manifest's temperature and routing signal."""

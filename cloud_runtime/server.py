@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import grpc
+
 from cloud_runtime.model import CloudModel
 from cloud_runtime.servicer import CloudInferenceServicer
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
@@ -32,7 +34,7 @@ class CloudServer:
             limits=settings.limits,
         )
 
-        def register(server):  # type: ignore[no-untyped-def]
+        def register(server: grpc.aio.Server) -> list[str]:
             cloud_pb2_grpc.add_CloudInferenceServicer_to_server(self.servicer, server)
             return [SERVICE_NAME]
 

@@ -29,7 +29,9 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
 
     def _check(self, request: cloud_pb2.CloudInferRequest) -> list[str]:
         if request.model_name != self._model_name:
-            raise ModelNotFoundError(f"model {request.model_name!r} is not served here; this tier serves {self._model_name!r}")
+            raise ModelNotFoundError(
+                f"model {request.model_name!r} is not served here; this tier serves {self._model_name!r}"
+            )
         texts = list(request.texts)
         if not texts:
             raise InvalidInputError("the request holds no rows")
@@ -48,7 +50,9 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
             ],
         )
 
-    async def Infer(self, request: cloud_pb2.Envelope, context: grpc.aio.ServicerContext) -> cloud_pb2.Envelope:
+    async def Infer(
+        self, request: cloud_pb2.Envelope, context: grpc.aio.ServicerContext[cloud_pb2.Envelope, cloud_pb2.Envelope]
+    ) -> cloud_pb2.Envelope:
         plain = self._sealer.open(request, cloud_pb2.CloudInferRequest, direction="request")
         texts = self._check(plain)
         loop = asyncio.get_running_loop()

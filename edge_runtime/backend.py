@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 
 @runtime_checkable

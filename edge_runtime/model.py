@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,6 @@ from edge_runtime.backend import EdgeBackend
 from tiergate.features import HashedNgramFeaturizer
 from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.scoring import Scored, score
-
-logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "tensorrt")
 VARIANTS = tuple(EDGE_VARIANT_ROLES)

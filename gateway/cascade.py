@@ -1,4 +1,7 @@
-"""The tier chain: each row starts at the first tier (or the last, if heavy) and climbs while unsure."""
+"""The tier chain and the model served on it.
+
+Each row starts at the first tier (or the last, if heavy) and climbs while unsure.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.routing import Hint, Reason, RoutingPolicy
-from gateway.tiers import Prediction, Tier
+from gateway.tier import Prediction, Tier
 from tiergate.errors import TierDeadlineError, TierUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,9 @@ class Cascade:
             except (TierUnavailableError, TierDeadlineError) as error:
                 if level == 0:
                     raise
-                logger.warning("tier %s failed (%s); answering %d rows from earlier tiers", tier.name, error, len(pending))
+                logger.warning(
+                    "tier %s failed (%s); answering %d rows from earlier tiers", tier.name, error, len(pending)
+                )
                 degraded = True
                 await self._fall_back(pending, level, deadline)
                 break
@@ -100,3 +105,18 @@ class Cascade:
             answers = await first.predict([row.text for row in missing], deadline)
             for row, answer in zip(missing, answers, strict=True):
                 row.answer, row.tier = answer, first.name
+
+
+class TieredModel:
+    """A named, versioned model served by a cascade of tiers."""
+
+    def __init__(self, name: str, version: str, cascade: Cascade) -> None:
+        self.name = name
+        self.version = version
+        self.cascade = cascade
+
+    def ready(self) -> bool:
+        return self.cascade.ready()
+
+    async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
+        return await self.cascade.infer(texts, hint, deadline)

@@ -9,15 +9,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.cascade import CascadeResult
+from gateway.cascade import CascadeResult, TieredModel
 from gateway.routing import Hint
 from proto.inference import grpc_service_pb2 as pb
+from tiergate.constants import (
+    CONFIDENCE_OUTPUT,
+    DEGRADED_PARAMETER,
+    HINT_PARAMETER,
+    INPUT_DATATYPE,
+    INPUT_NAME,
+    LABEL_OUTPUT,
+    OUTPUTS,
+    REASONS_PARAMETER,
+    ROWS_PARAMETER_SUFFIX,
+    TIER_OUTPUT,
+)
 from tiergate.errors import InvalidInputError, RequestTooLargeError
 from tiergate.settings import LimitSettings
 
-INPUT_NAME = "text"
-OUTPUTS = {"label": "BYTES", "confidence": "FP32", "tier": "BYTES"}
-HINT_PARAMETER = "tier"
+PLATFORM = "tiergate_tiered"
 _LENGTH = struct.Struct("<I")
 
 
@@ -65,20 +75,26 @@ def _hint(request: pb.ModelInferRequest) -> Hint:
         return Hint(value)
     except ValueError:
         allowed = ", ".join(h.value for h in Hint)
-        raise InvalidInputError(f"parameter {HINT_PARAMETER!r} must be a string, one of {allowed}; got {value!r}") from None
+        raise InvalidInputError(
+            f"parameter {HINT_PARAMETER!r} must be a string, one of {allowed}; got {value!r}"
+        ) from None
 
 
 def decode_request(request: pb.ModelInferRequest, limits: LimitSettings) -> TextBatch:
     """Validate an OIP request for the text model and decode its rows (model name is checked by the caller)."""
     names = [tensor.name for tensor in request.inputs]
     if INPUT_NAME not in names:
-        raise InvalidInputError(f"missing input {INPUT_NAME!r} (BYTES, shape [N]); got {names or 'no inputs'}")
+        raise InvalidInputError(
+            f"missing input {INPUT_NAME!r} ({INPUT_DATATYPE}, shape [N]); got {names or 'no inputs'}"
+        )
     if len(names) != 1:
         extra = [name for name in names if name != INPUT_NAME] or names[1:]
         raise InvalidInputError(f"unexpected inputs {extra}; this model takes only {INPUT_NAME!r}")
     tensor = request.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise InvalidInputError(f"input {INPUT_NAME!r} must have datatype BYTES, got {tensor.datatype or 'none'!r}")
+    if tensor.datatype != INPUT_DATATYPE:
+        raise InvalidInputError(
+            f"input {INPUT_NAME!r} must have datatype {INPUT_DATATYPE}, got {tensor.datatype or 'none'!r}"
+        )
     rows = _rows(tensor.shape)
     if rows == 0:
         raise InvalidInputError(f"input {INPUT_NAME!r} is an empty batch; send at least one row")
@@ -95,12 +111,16 @@ def decode_request(request: pb.ModelInferRequest, limits: LimitSettings) -> Text
     else:
         items = list(tensor.contents.bytes_contents)
     if len(items) != rows:
-        raise InvalidInputError(f"input {INPUT_NAME!r} has shape {list(tensor.shape)} but carries {len(items)} elements")
+        raise InvalidInputError(
+            f"input {INPUT_NAME!r} has shape {list(tensor.shape)} but carries {len(items)} elements"
+        )
 
     texts = []
     for row, item in enumerate(items):
         if len(item) > limits.max_text_bytes:
-            raise InvalidInputError(f"row {row} is {len(item)} bytes; the limit is {limits.max_text_bytes} bytes per row")
+            raise InvalidInputError(
+                f"row {row} is {len(item)} bytes; the limit is {limits.max_text_bytes} bytes per row"
+            )
         try:
             text = item.decode("utf-8")
         except UnicodeDecodeError:
@@ -125,27 +145,43 @@ def encode_response(
 ) -> pb.ModelInferResponse:
     """Build the OIP response: outputs label/confidence/tier plus routing parameters."""
     n = len(result.rows)
-    columns: dict[str, list] = {
-        "label": [row.label.encode("utf-8") for row in result.rows],
-        "confidence": [row.confidence for row in result.rows],
-        "tier": [row.tier.encode("utf-8") for row in result.rows],
+    byte_columns = {
+        LABEL_OUTPUT: [row.label.encode("utf-8") for row in result.rows],
+        TIER_OUTPUT: [row.tier.encode("utf-8") for row in result.rows],
     }
+    fp32_columns = {CONFIDENCE_OUTPUT: [row.confidence for row in result.rows]}
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=batch.request_id)
     for name in batch.outputs:
         datatype = OUTPUTS[name]
         out = response.outputs.add(name=name, datatype=datatype, shape=[n])
-        values = columns[name]
-        if batch.raw_output:
-            raw = _bytes_raw(values) if datatype == "BYTES" else np.asarray(values, dtype="<f4").tobytes()
-            response.raw_output_contents.append(raw)
-        elif datatype == "BYTES":
-            out.contents.bytes_contents.extend(values)
+        if datatype == "BYTES":
+            texts = byte_columns[name]
+            if batch.raw_output:
+                response.raw_output_contents.append(_bytes_raw(texts))
+            else:
+                out.contents.bytes_contents.extend(texts)
         else:
-            out.contents.fp32_contents.extend(values)
+            numbers = fp32_columns[name]
+            if batch.raw_output:
+                response.raw_output_contents.append(np.asarray(numbers, dtype="<f4").tobytes())
+            else:
+                out.contents.fp32_contents.extend(numbers)
     reasons = ["+".join(reason.value for reason in row.reasons) for row in result.rows]
-    response.parameters["escalation_reasons"].string_param = json.dumps(reasons)
+    response.parameters[REASONS_PARAMETER].string_param = json.dumps(reasons)
     tiers = [row.tier for row in result.rows]
     for tier in dict.fromkeys(tiers):
-        response.parameters[f"{tier}_rows"].int64_param = tiers.count(tier)
-    response.parameters["degraded"].bool_param = result.degraded
+        response.parameters[f"{tier}{ROWS_PARAMETER_SUFFIX}"].int64_param = tiers.count(tier)
+    response.parameters[DEGRADED_PARAMETER].bool_param = result.degraded
     return response
+
+
+def encode_metadata(model: TieredModel) -> pb.ModelMetadataResponse:
+    """The OIP model metadata: one BYTES input of shape [-1] and the outputs, in response order."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=[model.version],
+        platform=PLATFORM,
+        inputs=[tensor(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[-1])],
+        outputs=[tensor(name=name, datatype=datatype, shape=[-1]) for name, datatype in OUTPUTS.items()],
+    )

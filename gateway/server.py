@@ -6,12 +6,12 @@ import logging
 
 import grpc
 
-from edge_runtime.model import EdgeModel
-from gateway.cascade import Cascade
-from gateway.cloud_client import CloudTier
+from gateway.cascade import Cascade, TieredModel
+from gateway.cloud_tier import CloudTier
+from gateway.edge_tier import EdgeTier
 from gateway.routing import RoutingPolicy
-from gateway.servicer import InferenceServicer, TieredModel
-from gateway.tiers import EdgeTier, Tier
+from gateway.servicer import InferenceServicer
+from gateway.tier import Tier
 from proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from tiergate.envelope import Keyring, Sealer
 from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
@@ -44,8 +44,7 @@ def build_tiers(settings: GatewaySettings, manifest: Manifest, keyring: Keyring 
     tiers: list[Tier] = []
     for name in settings.chain:
         if name == "edge":
-            model = EdgeModel.load(settings.models_dir, manifest, backend=settings.edge_backend)
-            tiers.append(EdgeTier(model))
+            tiers.append(EdgeTier.load(settings.models_dir, manifest, backend=settings.edge_backend))
         elif name == "cloud":
             if keyring is None:
                 raise ValueError("the cloud tier needs a keyring to seal requests")

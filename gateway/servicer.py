@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 
-from gateway.cascade import Cascade
-from gateway.codec import INPUT_NAME, OUTPUTS, decode_request, encode_response
+from gateway.cascade import TieredModel
+from gateway.codec import decode_request, encode_metadata, encode_response
 from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate import __version__
@@ -15,19 +15,9 @@ from tiergate.errors import ModelNotFoundError, NotReadyError
 from tiergate.settings import LimitSettings
 
 SERVER_NAME = "tiergate"
-PLATFORM = "tiergate_tiered"
 
-
-class TieredModel:
-    """A named, versioned model served by a cascade of tiers."""
-
-    def __init__(self, name: str, version: str, cascade: Cascade) -> None:
-        self.name = name
-        self.version = version
-        self.cascade = cascade
-
-    def ready(self) -> bool:
-        return self.cascade.ready()
+# The servicer context of each RPC, typed by its request and response messages.
+_Context = grpc.aio.ServicerContext
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -47,41 +37,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}; available: {model.version!r}")
         return model
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: _Context[pb.ServerLiveRequest, pb.ServerLiveResponse]
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: _Context[pb.ServerReadyRequest, pb.ServerReadyResponse]
+    ) -> pb.ServerReadyResponse:
         ready = not self.draining and all(model.ready() for model in self._models.values())
         return pb.ServerReadyResponse(ready=ready)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: _Context[pb.ModelReadyRequest, pb.ModelReadyResponse]
+    ) -> pb.ModelReadyResponse:
         model = self._model(request.name, request.version)
         return pb.ModelReadyResponse(ready=not self.draining and model.ready())
 
     async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ServerMetadataRequest, context: _Context[pb.ServerMetadataRequest, pb.ServerMetadataResponse]
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
 
     async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelMetadataRequest, context: _Context[pb.ModelMetadataRequest, pb.ModelMetadataResponse]
     ) -> pb.ModelMetadataResponse:
-        model = self._model(request.name, request.version)
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[model.version],
-            platform=PLATFORM,
-            inputs=[tensor(name=INPUT_NAME, datatype="BYTES", shape=[-1])],
-            outputs=[tensor(name=name, datatype=dtype, shape=[-1]) for name, dtype in OUTPUTS.items()],
-        )
+        return encode_metadata(self._model(request.name, request.version))
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: _Context[pb.ModelInferRequest, pb.ModelInferResponse]
+    ) -> pb.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
         if self.draining:
             raise NotReadyError("the gateway is shutting down; retry on another instance")
         batch = decode_request(request, self._limits)
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        result = await model.cascade.infer(batch.texts, batch.hint, deadline)
+        result = await model.infer(batch.texts, batch.hint, deadline)
         return encode_response(batch, result, model_name=model.name, model_version=model.version)

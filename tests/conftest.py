@@ -12,11 +12,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cloud_runtime.server import CloudServer  # noqa: E402
-from gateway.server import GatewayServer  # noqa: E402
-from proto.inference import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from tiergate.envelope import Keyring  # noqa: E402
-from tiergate.settings import CloudSettings, GatewaySettings  # noqa: E402
+from cloud_runtime.server import CloudServer
+from gateway.server import GatewayServer
+from proto.inference import grpc_service_pb2_grpc as pb_grpc
+from tiergate.constants import MODEL_NAME
+from tiergate.envelope import Keyring
+from tiergate.settings import CloudSettings, GatewaySettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,46 +59,78 @@ class Stack:
     stub: pb_grpc.GRPCInferenceServiceStub
     target: str
 
-
-async def start_stack(
-    models: Path,
-    keyring_path: Path,
-    *,
-    cloud_target: str | None = None,
-    with_cloud: bool = True,
-    threshold: float | None = None,
-    max_edge_tokens: int = 24,
-    max_edge_batch: int = 16,
-    max_batch_rows: int = 64,
-) -> Stack:
-    keyring = Keyring.load(keyring_path)
-    cloud = None
-    if with_cloud:
-        cloud = CloudServer(CloudSettings(port=0, models_dir=models, keyring_path=keyring_path), keyring)
-        cloud_port = await cloud.start()
-        cloud_target = cloud_target or f"127.0.0.1:{cloud_port}"
-    settings = GatewaySettings(port=0, models_dir=models, keyring_path=keyring_path, cloud_timeout_s=5.0)
-    settings.cloud_target = cloud_target or "127.0.0.1:1"
-    settings.routing.threshold = threshold
-    settings.routing.max_edge_tokens = max_edge_tokens
-    settings.routing.max_edge_batch = max_edge_batch
-    settings.limits.max_batch_rows = max_batch_rows
-    gateway = GatewayServer(settings, keyring)
-    port = await gateway.start()
-    target = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(target)
-    return Stack(gateway, cloud, channel, pb_grpc.GRPCInferenceServiceStub(channel), target)
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.gateway.stop(0)
+        if self.cloud is not None:
+            await self.cloud.stop(0)
 
 
-async def stop_stack(stack: Stack) -> None:
-    await stack.channel.close()
-    await stack.gateway.stop(0)
-    if stack.cloud is not None:
-        await stack.cloud.stop(0)
+class StackFactory:
+    """Starts stacks on the given models with per-test options; `stop_all` stops them, newest first."""
+
+    def __init__(self, models: Path, keyring_path: Path) -> None:
+        self.models = models
+        self.keyring_path = keyring_path
+        self._running: list[Stack] = []
+
+    async def __call__(
+        self,
+        *,
+        cloud_target: str | None = None,
+        with_cloud: bool = True,
+        model_name: str = MODEL_NAME,
+        threshold: float | None = None,
+        max_edge_tokens: int = 24,
+        max_edge_batch: int = 16,
+        max_batch_rows: int = 64,
+    ) -> Stack:
+        """A cloud server (unless `with_cloud` is False) and a gateway on it, or on `cloud_target` if given."""
+        keyring = Keyring.load(self.keyring_path)
+        cloud = None
+        if with_cloud:
+            cloud_settings = CloudSettings(
+                port=0, models_dir=self.models, keyring_path=self.keyring_path, model_name=model_name
+            )
+            cloud = CloudServer(cloud_settings, keyring)
+            cloud_port = await cloud.start()
+            cloud_target = cloud_target or f"127.0.0.1:{cloud_port}"
+        settings = GatewaySettings(
+            port=0, models_dir=self.models, keyring_path=self.keyring_path, model_name=model_name, cloud_timeout_s=5.0
+        )
+        settings.cloud_target = cloud_target or "127.0.0.1:1"
+        settings.routing.threshold = threshold
+        settings.routing.max_edge_tokens = max_edge_tokens
+        settings.routing.max_edge_batch = max_edge_batch
+        settings.limits.max_batch_rows = max_batch_rows
+        try:
+            gateway = GatewayServer(settings, keyring)
+            port = await gateway.start()
+        except BaseException:
+            if cloud is not None:
+                await cloud.stop(0)
+            raise
+        target = f"127.0.0.1:{port}"
+        channel = grpc.aio.insecure_channel(target)
+        stack = Stack(gateway, cloud, channel, pb_grpc.GRPCInferenceServiceStub(channel), target)
+        self._running.append(stack)
+        return stack
+
+    async def stop_all(self) -> None:
+        # Newest first: a gateway stops before the cloud another stack serves it from.
+        while self._running:
+            await self._running.pop().stop()
 
 
 @pytest.fixture
-async def stack(tiny_models: Path, keyring_path: Path) -> AsyncIterator[Stack]:
-    running = await start_stack(tiny_models, keyring_path)
-    yield running
-    await stop_stack(running)
+async def start_stack(tiny_models: Path, keyring_path: Path) -> AsyncIterator[StackFactory]:
+    """`await start_stack(threshold=..., with_cloud=False, ...)` starts a stack; all are stopped at teardown."""
+    factory = StackFactory(tiny_models, keyring_path)
+    yield factory
+    await factory.stop_all()
+
+
+@pytest.fixture
+async def stack(start_stack: StackFactory) -> Stack:
+    """A stack with the default options."""
+    return await start_stack()

@@ -98,7 +98,8 @@ def test_routing_needs_exactly_one_target() -> None:
 def test_grouped_split_keeps_near_duplicates_together_and_is_deterministic() -> None:
     texts = [f"Product {i % 300}" + ("!" if i % 2 else "") for i in range(900)] + ["PRODUCT 7", "product-7"]
     a, b = grouped_split(texts, seed=5), grouped_split(texts, seed=5)
-    assert all(np.array_equal(x, y) for x, y in zip((a.train, a.validation, a.test), (b.train, b.validation, b.test)))
+    parts = zip((a.train, a.validation, a.test), (b.train, b.validation, b.test), strict=True)
+    assert all(np.array_equal(x, y) for x, y in parts)
     where = {}
     for part, index in (("train", a.train), ("validation", a.validation), ("test", a.test)):
         for i in index:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
-from gateway.cascade import CascadeResult, RowAnswer
-from gateway.codec import decode_request, encode_response
-from gateway.routing import Hint, Reason
+from gateway.cascade import Cascade, CascadeResult, RowAnswer, TieredModel
+from gateway.codec import decode_request, encode_metadata, encode_response
+from gateway.routing import Hint, Reason, RoutingPolicy
+from gateway.tier import Prediction
 from proto.inference import grpc_service_pb2 as pb
 from tiergate.errors import InvalidInputError, RequestTooLargeError
 from tiergate.settings import LimitSettings
@@ -22,8 +24,8 @@ def _raw(values: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
 
 
-def request(values: list[bytes], *, raw: bool = False, shape: list[int] | None = None, **kw) -> pb.ModelInferRequest:  # type: ignore[no-untyped-def]
-    req = pb.ModelInferRequest(model_name="product-category", **kw)
+def request(values: list[bytes], *, raw: bool = False, shape: list[int] | None = None) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="product-category")
     tensor = req.inputs.add(name="text", datatype="BYTES", shape=shape if shape is not None else [len(values)])
     if raw:
         req.raw_input_contents.append(_raw(values))
@@ -49,7 +51,10 @@ def test_decode_n_by_1_shape_and_hint() -> None:
 def test_encode_mirrors_request(raw: bool) -> None:
     batch = decode_request(request([b"milk", b"chips"], raw=raw), LIMITS)
     result = CascadeResult(
-        rows=[RowAnswer("dairy", 0.9, "edge"), RowAnswer("snacks", 0.4, "cloud", (Reason.LOW_CONFIDENCE, Reason.LONG_INPUT))]
+        rows=[
+            RowAnswer("dairy", 0.9, "edge"),
+            RowAnswer("snacks", 0.4, "cloud", (Reason.LOW_CONFIDENCE, Reason.LONG_INPUT)),
+        ]
     )
     resp = encode_response(batch, result, model_name="product-category", model_version="v1")
     assert [o.name for o in resp.outputs] == ["label", "confidence", "tier"]
@@ -123,3 +128,30 @@ def test_truncated_raw_bytes() -> None:
     req.raw_input_contents[0] = req.raw_input_contents[0][:-2]
     with pytest.raises(InvalidInputError, match="overruns the buffer"):
         decode_request(req, LIMITS)
+
+
+class _NoTier:
+    """A tier that is never asked: metadata needs the model's name and version only."""
+
+    name = "edge"
+
+    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+        raise AssertionError("metadata must not run the model")
+
+    def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+def test_encode_metadata() -> None:
+    cascade = Cascade([_NoTier()], RoutingPolicy(threshold=0.5, max_edge_tokens=5, max_edge_batch=3))
+    meta = encode_metadata(TieredModel("product-category", "v7", cascade))
+    assert (meta.name, list(meta.versions), meta.platform) == ("product-category", ["v7"], "tiergate_tiered")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("text", "BYTES", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("label", "BYTES", [-1]),
+        ("confidence", "FP32", [-1]),
+        ("tier", "BYTES", [-1]),
+    ]

@@ -375,9 +375,9 @@ def test_compose_one_shots_fill_the_paths_the_tiers_read(compose: Doc, tmp_path:
     assert str(cloud.keyring) in code
     path = tmp_path / "seal-keys.json"
     one_shot = compile(code.replace(str(cloud.keyring), str(path)), "keys", "exec")
-    exec(one_shot, {})  # noqa: S102
+    exec(one_shot, {})
     first = path.read_text(encoding="utf-8")
-    exec(one_shot, {})  # noqa: S102
+    exec(one_shot, {})
     assert path.read_text(encoding="utf-8") == first, "a second run must keep the existing keyring"
     assert path.stat().st_mode & 0o077 == 0
     Keyring.load(path)

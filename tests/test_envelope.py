@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_nonces_are_fresh() -> None:
         (lambda e: setattr(e, "nonce", b"short"), "nonce"),
     ],
 )
-def test_tampering_is_rejected(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_tampering_is_rejected(mutate: Callable[[cloud_pb2.Envelope], object], message: str) -> None:
     sealer = Sealer(Keyring.generate("k1"))
     envelope = sealer.seal(_request(), request_id="r1", direction="request")
     mutate(envelope)

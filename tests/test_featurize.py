@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -61,22 +60,29 @@ def test_ids_are_stable_across_processes() -> None:
         "print(H().transform(['Greek Yogurt Vanilla'])[0].tolist())"
     )
     outputs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": str(seed), "PYTHONPATH": "."}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(seed), "PYTHONPATH": "."},
+        ).stdout
         for seed in (1, 2)
     }
     here = HashedNgramFeaturizer().transform(["Greek Yogurt Vanilla"])[0].tolist()
     assert outputs == {f"{here}\n"}
 
 
-def test_is_fast_enough_for_the_edge() -> None:
-    featurizer = HashedNgramFeaturizer()
-    texts = [f"Organic Product {i} Vanilla Greek Yogurt 32 oz" for i in range(2000)]
-    start = time.perf_counter()
-    featurizer.transform(texts)
-    per_text_us = (time.perf_counter() - start) / len(texts) * 1e6
-    # Generous bound for shared CI machines; ~20 us is typical here.
-    assert per_text_us < 200
+def test_the_word_cache_changes_no_id_and_stays_bounded() -> None:
+    # Speed is measured by `make bench` (batch-1 latency includes featurization); here only the
+    # memo that makes it fast is checked: warm answers equal cold ones, and it never outgrows its limit.
+    texts = [f"Organic Product {i} Vanilla Greek Yogurt 32 oz" for i in range(300)]
+    cold = HashedNgramFeaturizer().transform(texts)
+    warm = HashedNgramFeaturizer()
+    warm._cache_limit = 50
+    warm.transform(texts)
+    np.testing.assert_array_equal(warm.transform(texts), cold)
+    assert 0 < len(warm._word_cache) <= 50
 
 
 def test_ngram_blocks_concatenate_and_round_trip() -> None:

@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("torch", reason="the train extra (torch) is needed to build models")
 
-from cloud_runtime.model import CloudModel  # noqa: E402
-from training.cloud_train import (  # noqa: E402
-    Fusion,
+from cloud_runtime.model import CloudModel
+from training.cloud_train import (
     FusedCloudNet,
+    Fusion,
     TinyCloudNet,
     export_cloud_onnx,
     fit_fusion,
@@ -20,7 +20,7 @@ from training.cloud_train import (  # noqa: E402
     save_tokenizer,
     train_wordlevel_tokenizer,
 )
-from training.lexical import (  # noqa: E402
+from training.lexical import (
     fit_idf,
     fold_of,
     lexical_featurizer,
@@ -29,8 +29,18 @@ from training.lexical import (  # noqa: E402
 )
 
 TEXTS = [
-    "Organic Whole Milk", "Low Fat Milk", "Chocolate Milk", "Greek Yogurt Plain", "Strawberry Yogurt",
-    "Vanilla Yogurt", "Sourdough Bread", "Whole Wheat Bread", "Rye Bread", "Bananas", "Organic Bananas", "Red Apples",
+    "Organic Whole Milk",
+    "Low Fat Milk",
+    "Chocolate Milk",
+    "Greek Yogurt Plain",
+    "Strawberry Yogurt",
+    "Vanilla Yogurt",
+    "Sourdough Bread",
+    "Whole Wheat Bread",
+    "Rye Bread",
+    "Bananas",
+    "Organic Bananas",
+    "Red Apples",
 ]
 Y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
 
@@ -137,13 +147,14 @@ def test_large_batches_run_in_chunks_with_the_same_answers(tmp_path: Path) -> No
     tokenizer = train_wordlevel_tokenizer(TEXTS, 64)
     deep = TinyCloudNet(tokenizer.get_vocab_size(), 8, 4)
     path = export_cloud_onnx(FusedCloudNet(deep, model, Fusion(alpha=0.5, gamma=2.0)), tmp_path / "fused.onnx")
-    cloud = CloudModel.from_files(path, save_tokenizer(tokenizer, tmp_path / "t.json", 16), list("abcd"), 16,
-                                  featurizer_config=model.featurizer)
+    cloud = CloudModel.from_files(
+        path, save_tokenizer(tokenizer, tmp_path / "t.json", 16), list("abcd"), 16, featurizer_config=model.featurizer
+    )
     try:
         texts = TEXTS * ((cloud_model.MAX_ROWS_PER_RUN * 2) // len(TEXTS) + 1)  # three chunks, the last partial
         batched = cloud.logits(texts)
         assert batched.shape == (len(texts), 4)
         np.testing.assert_allclose(batched[: len(TEXTS)], cloud.logits(TEXTS), atol=1e-5)
-        np.testing.assert_allclose(batched[-len(TEXTS):], cloud.logits(TEXTS), atol=1e-5)
+        np.testing.assert_allclose(batched[-len(TEXTS) :], cloud.logits(TEXTS), atol=1e-5)
     finally:
         cloud.close()

@@ -46,10 +46,15 @@ def _manifest(model_dir: Path) -> Manifest:
             metrics={},
         ),
         cloud=CloudSpec(
-            onnx=files["cloud/cloud.onnx"], tokenizer=files["cloud/tokenizer.json"], max_length=24, temperature=0.9,
+            onnx=files["cloud/cloud.onnx"],
+            tokenizer=files["cloud/tokenizer.json"],
+            max_length=24,
+            temperature=0.9,
             metrics={},
         ),
-        routing=RoutingSpec(signal="margin", threshold=0.3, calibration={"target": {"kind": "escalation", "value": 0.15}}),
+        routing=RoutingSpec(
+            signal="margin", threshold=0.3, calibration={"target": {"kind": "escalation", "value": 0.15}}
+        ),
         metrics={"test": {"cascade_accuracy": 0.9}},
     )
 

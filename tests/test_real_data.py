@@ -11,14 +11,18 @@ import pytest
 
 pytest.importorskip("torch", reason="the train extra (torch) is needed to build models")
 
-DATA_ROOT = Path(os.environ.get("TIERGATE_DATA_ROOT", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+DATA_ROOT = Path(
+    os.environ.get("TIERGATE_DATA_ROOT", Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+)
 INSTACART = DATA_ROOT / "instacart-products"
 BIGBASKET = DATA_ROOT / "bigbasket-products"
 
 pytestmark = [
     pytest.mark.data,
     pytest.mark.slow,
-    pytest.mark.skipif(not (INSTACART / "products.csv").is_file(), reason=f"Instacart catalogue not found under {DATA_ROOT}"),
+    pytest.mark.skipif(
+        not (INSTACART / "products.csv").is_file(), reason=f"Instacart catalogue not found under {DATA_ROOT}"
+    ),
 ]
 
 SLICE_ROWS = 8000
@@ -35,7 +39,12 @@ def real_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("real") / "models"
     config = replace(tiny_config(), demo_rows=0, demo_labels=None, target_quality=None, target_escalation=TARGET)
-    config = replace(config, edge_candidates=(replace(config.edge_candidates[0], n_buckets=2**15, dim=32, hidden=64, epochs=8, batch_size=128),))
+    config = replace(
+        config,
+        edge_candidates=(
+            replace(config.edge_candidates[0], n_buckets=2**15, dim=32, hidden=64, epochs=8, batch_size=128),
+        ),
+    )
     build_models(out, data_dir=INSTACART, config=config, limit=SLICE_ROWS)
     return out
 
@@ -55,8 +64,7 @@ def test_manifest_describes_the_real_build(real_models: Path) -> None:
 
 def test_heldout_rows_never_appear_in_training(real_models: Path) -> None:
     from tiergate.manifest import load_manifest
-    from training.data import heldout_examples, load_split_for_manifest
-    from training.data import normalise_name
+    from training.data import heldout_examples, load_split_for_manifest, normalise_name
 
     catalogue, split = load_split_for_manifest(load_manifest(real_models), INSTACART)
     held = heldout_examples(real_models, INSTACART)
@@ -80,8 +88,8 @@ def test_calibration_contract_holds_on_heldout_rows(real_models: Path, tmp_path:
 
     from edge_runtime.model import EdgeModel
     from tiergate.manifest import load_manifest
-    from training.data import heldout_examples
     from training.calibrate import calibrate
+    from training.data import heldout_examples
 
     models = tmp_path / "models"
     shutil.copytree(real_models, models)
@@ -113,8 +121,9 @@ def test_eval_writes_the_report(real_models: Path, tmp_path: Path) -> None:
     from training.evaluate import evaluate
 
     bigbasket = BIGBASKET if (BIGBASKET / "bigbasket_products.csv").is_file() else None
-    report = evaluate(real_models, INSTACART, tmp_path / "report", bigbasket_dir=bigbasket, bigbasket_limit=600,
-                      latency_samples=50)
+    report = evaluate(
+        real_models, INSTACART, tmp_path / "report", bigbasket_dir=bigbasket, bigbasket_limit=600, latency_samples=50
+    )
     for name in ("report.json", "report.md", "report.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert json.loads((tmp_path / "report" / "report.json").read_text())["test"]["rows"] == report["test"]["rows"]

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.cascade import Cascade
 from gateway.routing import Hint, Reason, RoutingPolicy, count_tokens
-from gateway.tiers import Prediction
+from gateway.tier import Prediction
 from tiergate.errors import TierUnavailableError
 
 
@@ -70,11 +70,17 @@ def test_escalates_below_threshold_only() -> None:
     assert not POLICY.escalates(0.0, Hint.EDGE)
 
 
-@pytest.mark.parametrize("bad", [dict(threshold=1.5), dict(max_edge_tokens=0)])
-def test_policy_rejects_bad_values(bad: dict) -> None:
-    values = dict(threshold=0.5, max_edge_tokens=5, max_edge_batch=3) | bad
-    with pytest.raises(ValueError):
-        RoutingPolicy(**values)
+@pytest.mark.parametrize(
+    ("threshold", "max_edge_tokens", "max_edge_batch", "message"),
+    [
+        (1.5, 5, 3, r"threshold must be within \[0, 1\], got 1.5"),
+        (0.5, 0, 3, "max_edge_tokens and max_edge_batch must be positive"),
+        (0.5, 5, 0, "max_edge_tokens and max_edge_batch must be positive"),
+    ],
+)
+def test_policy_rejects_bad_values(threshold: float, max_edge_tokens: int, max_edge_batch: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RoutingPolicy(threshold=threshold, max_edge_tokens=max_edge_tokens, max_edge_batch=max_edge_batch)
 
 
 async def test_rows_escalate_independently() -> None:
@@ -101,7 +107,7 @@ async def test_cloud_down_degrades_to_edge_answers_without_losing_rows() -> None
 
 
 async def test_first_tier_failure_propagates() -> None:
-    with pytest.raises(TierUnavailableError):
+    with pytest.raises(TierUnavailableError, match="edge is down"):
         await Cascade([TableTier("edge", EDGE, fail=True)], POLICY).infer(["milk"])
 
 

@@ -33,5 +33,9 @@ def test_unexpected_errors_hide_internals() -> None:
 
 def test_every_error_class_has_a_row() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.TiergateError)]
-    missing = [c.__name__ for c in classes if c is not errors.TiergateError and status_for(c("x"))[0] is grpc.StatusCode.INTERNAL]
+    missing = [
+        c.__name__
+        for c in classes
+        if c is not errors.TiergateError and status_for(c("x"))[0] is grpc.StatusCode.INTERNAL
+    ]
     assert not missing

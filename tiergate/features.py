@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import unicodedata
 import zlib
@@ -11,8 +10,6 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
-
-logger = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 # Distinct crc32 seeds keep word and character n-grams in separate hash spaces
@@ -69,8 +66,8 @@ class HashedNgramFeaturizer:
         return cls(
             n_buckets=int(d["n_buckets"]),
             max_features=int(d["max_features"]),
-            word_ngrams=tuple(d["word_ngrams"]),  # type: ignore[arg-type]
-            char_ngrams=tuple(d["char_ngrams"]),  # type: ignore[arg-type]
+            word_ngrams=(int(d["word_ngrams"][0]), int(d["word_ngrams"][1])),
+            char_ngrams=(int(d["char_ngrams"][0]), int(d["char_ngrams"][1])),
         )
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""gRPC plumbing shared by the gateway and cloud servers: status table, error interceptor, health, reflection, lifecycle."""
+"""gRPC plumbing both servers share: status table, error interceptor, health, reflection and lifecycle."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,7 +33,7 @@ INTERNAL_MESSAGE = "internal error; the server log has the details"
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for an exception."""
     for cls in type(error).__mro__:
-        code = STATUS_TABLE.get(cls)  # type: ignore[call-overload]
+        code = STATUS_TABLE.get(cls)
         if code is not None:
             return code, str(error)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
@@ -44,23 +44,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        behavior = handler.unary_unary
+        # An aio server's unary behaviours are coroutines taking the aio context.
+        behavior = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
         method = handler_call_details.method
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - this is the one place errors become statuses
+            except Exception as error:
                 code, message = status_for(error)
                 if code is grpc.StatusCode.INTERNAL:
                     logger.exception("unexpected error in %s", method)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 SIGNALS = ("max_prob", "margin", "entropy")
 
@@ -30,7 +27,8 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
-    return z
+    probs: np.ndarray = z
+    return probs
 
 
 def confidence_from_probs(probs: np.ndarray, signal: str) -> np.ndarray:
@@ -46,14 +44,14 @@ def confidence_from_probs(probs: np.ndarray, signal: str) -> np.ndarray:
         else:
             top2 = np.partition(probs, k - 2, axis=1)[:, k - 2 :]
             conf = top2[:, 1] - top2[:, 0]
+    elif k < 2:
+        conf = np.ones(n)
     else:
-        if k < 2:
-            conf = np.ones(n)
-        else:
-            safe = np.clip(probs, 1e-12, 1.0)
-            entropy = -(probs * np.log(safe)).sum(axis=1)
-            conf = 1.0 - entropy / np.log(k)
-    return np.clip(conf, 0.0, 1.0).astype(np.float32)
+        safe = np.clip(probs, 1e-12, 1.0)
+        entropy = -(probs * np.log(safe)).sum(axis=1)
+        conf = 1.0 - entropy / np.log(k)
+    clipped: np.ndarray = np.clip(conf, 0.0, 1.0).astype(np.float32)
+    return clipped
 
 
 def score(logits: np.ndarray, temperature: float, signal: str) -> Scored:

@@ -5,6 +5,9 @@ so the pipeline runs anywhere in a few minutes; pass the instacart-products dire
 Pipeline: grouped split -> fine-tune the cloud model and export ONNX FP32 -> cloud soft labels ->
 distil edge candidates (soft + hard labels) -> export FP32 ONNX -> INT8 (static QDQ and dynamic
 per-channel) -> temperature scaling -> escalation signal -> threshold on validation -> metrics -> manifest.
+
+Each stage is a function that takes and returns small frozen dataclasses; ``build_from_catalogue`` runs
+them in order and assembles the manifest. Torch is imported inside the stages only.
 """
 
 from __future__ import annotations
@@ -14,82 +17,186 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tiergate.features import HashedNgramFeaturizer
-from tiergate.manifest import (
-    FORMAT_VERSION,
-    CloudSpec,
-    EdgeSpec,
-    Manifest,
-    ManifestError,
-    artifact,
-    write_manifest,
-)
-from training.measure import batch1_latency_ms, batched_components, batched_logits
+from tiergate.manifest import FORMAT_VERSION, CloudSpec, EdgeSpec, Manifest, RoutingSpec, artifact, write_manifest
+from training.config import BuildConfig, EdgeConfig, default_config, within_edge_bounds
 from training.data import (
+    DEMO_SOURCE,
     INSTACART_SOURCE,
     SPLIT_FRACTIONS,
     Catalogue,
-    Split,
+    DataSplit,
+    generate_demo_catalogue,
     grouped_split,
     load_instacart,
 )
-from training.data import DEMO_SOURCE, generate_demo_catalogue
+from training.measure import (
+    VariantMeasurement,
+    accuracy,
+    batch1_latency_ms,
+    batched_components,
+    batched_logits,
+    measure_variant,
+    share,
+)
+
+if TYPE_CHECKING:
+    from cloud_runtime.model import CloudModel
+    from training.edge_train import EdgeNet
+    from training.lexical import LexicalModel
 
 logger = logging.getLogger(__name__)
 
 EDGE_DIR = "edge"
 CLOUD_DIR = "cloud"
-MAX_EDGE_INT8_BYTES = 25 * 1024 * 1024
-MAX_EDGE_P50_MS = 2.0
+CANDIDATES_DIR = "candidates"
+# The INT8 forms an edge candidate may serve, in order of preference when their accuracies tie.
+INT8_VARIANTS = ("dynamic_per_channel", "dynamic_per_tensor", "qdq")
+CLOUD_THREADS = 2
+CALIBRATION_ROWS = 512  # training rows that set the static QDQ activation ranges
 
 
 @dataclass(frozen=True)
-class BuildConfig:
-    """Everything that shapes a build besides the data."""
+class LexicalPart:
+    """The cloud's lexical branch and its out-of-fold margins on the training rows."""
 
-    cloud: Any = None  # CloudConfig; Any keeps torch out of module import
-    edge_candidates: tuple[Any, ...] = ()  # EdgeConfig per candidate
-    target_quality: float | None = 0.99
-    target_escalation: float | None = None
-    demo_rows: int = 3000
-    demo_labels: int | None = None
-    limit: int | None = None
-    latency_samples: int = 300
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: LexicalModel
+    out_of_fold: np.ndarray  # float32 [train rows, K]
+    seconds: float
 
 
-def default_config(real_data: bool) -> BuildConfig:
-    """Settings for a demo build (minutes) or a real Instacart build (about half an hour on 2 cores)."""
-    from training.cloud_train import CloudConfig
-    from training.edge_train import EdgeConfig
+@dataclass(frozen=True)
+class CloudStage:
+    """The exported cloud model and what the later stages need from it (all on validation unless named)."""
 
-    if real_data:
-        return BuildConfig(
-            cloud=CloudConfig(kind="minilm", max_length=32, epochs=5, batch_size=64, lr=1.5e-4, head_lr=3e-3,
-                              label_smoothing=0.1, bf16=True, lexical_buckets=2**18, lexical_max_features=256,
-                              lexical_c=0.5, lexical_folds=4),
-            edge_candidates=(
-                EdgeConfig(name="ngram-mlp-2^18x64", n_buckets=2**18, dim=64, hidden=256),
-                EdgeConfig(name="ngram-mlp-2^17x128", n_buckets=2**17, dim=128, hidden=256),
-            ),
-        )
-    # On the synthetic demo catalogue edge and cloud tie, so a quality floor would never escalate;
-    # a fixed escalation rate makes `make run` exercise the whole tier chain.
-    return BuildConfig(
-        cloud=CloudConfig(kind="minilm", max_length=24, epochs=1, batch_size=32, lr=1e-4, head_lr=3e-3,
-                          label_smoothing=0.1, bf16=True, lexical_buckets=2**16, lexical_max_features=128,
-                          lexical_folds=4),
-        edge_candidates=(EdgeConfig(name="ngram-mlp-2^16x32", n_buckets=2**16, dim=32, hidden=128, epochs=10),),
-        target_quality=None,
-        target_escalation=0.10,
-    )
+    onnx: Path
+    tokenizer: Path
+    max_length: int
+    featurizer: dict[str, Any] | None  # the lexical branch's NgramBlocks config, None without one
+    info: dict[str, Any]
+    temperature: float
+    validation_logits: np.ndarray
+    validation_right: np.ndarray  # bool: the cloud's prediction is right
+    teacher_logits: np.ndarray  # the edge's soft labels on the training rows
+    lexical_seconds: float | None
+    train_seconds: float
+    soft_label_seconds: float
+
+    def open(self, labels: list[str]) -> CloudModel:
+        """The exported model through the serving runtime."""
+        return _open_cloud(self.onnx, self.tokenizer, labels, self.max_length, self.featurizer)
+
+    def timings(self) -> dict[str, float]:
+        """The cloud stage's build timings for the manifest."""
+        lexical = {} if self.lexical_seconds is None else {"cloud_lexical_s": self.lexical_seconds}
+        return {**lexical, "cloud_train_s": self.train_seconds, "cloud_soft_labels_s": self.soft_label_seconds}
+
+
+@dataclass(frozen=True)
+class QuantizedForms:
+    """The files of one exported edge candidate: FP32 and its three INT8 forms."""
+
+    fp32: Path
+    qdq: Path
+    dynamic_per_channel: Path
+    dynamic_per_tensor: Path
+
+    def items(self) -> list[tuple[str, Path]]:
+        """(variant name, path) of every form, FP32 first."""
+        return [
+            ("fp32", self.fp32),
+            ("qdq", self.qdq),
+            ("dynamic_per_channel", self.dynamic_per_channel),
+            ("dynamic_per_tensor", self.dynamic_per_tensor),
+        ]
+
+    def path(self, variant: str) -> Path:
+        """The file of ``variant``."""
+        return dict(self.items())[variant]
+
+
+@dataclass(frozen=True)
+class EdgeCandidate:
+    """One distilled, exported and quantized edge architecture, measured on validation through the runtime."""
+
+    config: EdgeConfig
+    training: dict[str, Any]
+    train_seconds: float
+    forms: QuantizedForms
+    variants: dict[str, VariantMeasurement]
+    served_variant: str
+    temperature: float
+    featurizer: dict[str, Any]  # HashedNgramFeaturizer config
+    escalation_at_quality_floor: float  # NaN without a quality target
+    best_signal_at_floor: str
+    within_bounds: bool
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def served(self) -> VariantMeasurement:
+        """The measurement of the served INT8 form."""
+        return self.variants[self.served_variant]
+
+    @property
+    def validation_logits(self) -> np.ndarray:
+        """The served form's logits on the validation rows."""
+        return self.served.logits
+
+    def variant_metrics(self) -> dict[str, dict[str, Any]]:
+        """Each form's measurement in manifest form."""
+        return {variant: measured.as_dict() for variant, measured in self.variants.items()}
+
+
+@dataclass(frozen=True)
+class ServedEdgeFiles:
+    """The chosen candidate's files in the model directory."""
+
+    int8: Path
+    qdq: Path
+    fp32: Path
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The escalation signal chosen on validation and the routing threshold for the target."""
+
+    signal: str
+    aurocs: dict[str, float]
+    routing: RoutingSpec
+
+
+@dataclass(frozen=True)
+class TestMetrics:
+    """Held-out test metrics through the runtime, and batch-1 latencies."""
+
+    rows: int
+    edge_int8_accuracy: float
+    edge_fp32_accuracy: float
+    cloud_accuracy: float
+    cascade_accuracy: float
+    escalation_rate: float
+    edge_latency_ms: dict[str, float]
+    cloud_latency_ms: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest's ``metrics.test``."""
+        return {
+            "rows": self.rows,
+            "edge_int8_accuracy": self.edge_int8_accuracy,
+            "edge_fp32_accuracy": self.edge_fp32_accuracy,
+            "cloud_accuracy": self.cloud_accuracy,
+            "cascade_accuracy": self.cascade_accuracy,
+            "escalation_rate": self.escalation_rate,
+        }
 
 
 def load_catalogue(data_dir: Path | None, task: str, seed: int, config: BuildConfig) -> Catalogue:
@@ -101,36 +208,64 @@ def load_catalogue(data_dir: Path | None, task: str, seed: int, config: BuildCon
     return load_instacart(Path(data_dir), task=task, limit=config.limit, seed=seed)
 
 
-def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    return round(float((logits.argmax(1) == y).mean()), 4) if len(y) else 0.0
-
-
-def _escalation_at_floor(
-    edge_logits: np.ndarray, temperature: float, y: np.ndarray, cloud_right: np.ndarray, quality: float
-) -> tuple[float, str]:
-    """Least escalation (over the three signals) that keeps the cascade at ``quality`` x cloud on these rows."""
-    from tiergate.scoring import SIGNALS, score
-    from training.calibrate import routing_from_predictions
-
-    best = (2.0, "max_prob")
-    for signal in SIGNALS:
-        scored = score(edge_logits, temperature, signal)
-        spec = routing_from_predictions(signal, scored.confidence, scored.label_index == y, cloud_right, target_quality=quality)
-        best = min(best, (spec.calibration["achieved_escalation"], signal))
-    return best
-
-
-def build_from_catalogue(
-    out_dir: Path, catalogue: Catalogue, task: str, seed: int, config: BuildConfig, data_record: dict[str, Any]
-) -> Manifest:
-    """Run the whole pipeline on ``catalogue`` and write the model directory (shared by real, demo and tiny builds)."""
-    import torch
-
+def _open_cloud(
+    onnx: Path, tokenizer: Path, labels: list[str], max_length: int, featurizer: dict[str, Any] | None
+) -> CloudModel:
     from cloud_runtime.model import CloudModel
-    from edge_runtime.model import EdgeModel
-    from tiergate.scoring import score
-    from training.calibrate import fit_temperature, routing_from_predictions, signal_aurocs
+
+    return CloudModel.from_files(
+        onnx, tokenizer, labels, max_length, intra_op_threads=CLOUD_THREADS, featurizer_config=featurizer
+    )
+
+
+def alternative_row(
+    name: str,
+    variants: dict[str, VariantMeasurement],
+    served_variant: str,
+    escalation_at_quality_floor: float,
+    within_bounds: bool,
+    train_seconds: float,
+    chosen: bool,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One entry of the manifest's ``metrics.edge_alternatives`` (``extra`` goes before ``chosen``)."""
+    return {
+        "name": name,
+        "served_variant": served_variant,
+        "validation_accuracy": {variant: measured.validation_accuracy for variant, measured in variants.items()},
+        "int8_bytes": variants[served_variant].bytes,
+        "batch1_latency_ms_p50": variants[served_variant].batch1_latency_ms["p50"],
+        "escalation_at_quality_floor": escalation_at_quality_floor,
+        "within_bounds": within_bounds,
+        "train_seconds": train_seconds,
+        **(extra or {}),
+        "chosen": chosen,
+    }
+
+
+def train_lexical_part(data: DataSplit, n_labels: int, config: BuildConfig) -> LexicalPart:
+    """Fit the cloud's lexical branch on the training rows, with out-of-fold margins for those rows."""
+    from training.lexical import train_lexical
+
+    cc = config.cloud
+    started = time.perf_counter()
+    model, out_of_fold = train_lexical(
+        data.train.texts,
+        data.train.y,
+        n_labels,
+        cc.lexical_buckets,
+        cc.lexical_max_features,
+        cc.lexical_c,
+        cc.lexical_folds,
+    )
+    return LexicalPart(model=model, out_of_fold=out_of_fold, seconds=round(time.perf_counter() - started, 1))
+
+
+def train_cloud_stage(out_dir: Path, data: DataSplit, labels: list[str], config: BuildConfig, seed: int) -> CloudStage:
+    """Train the cloud model (the lexical branch and the deep model, each on its own, fused on validation into
+    one ONNX graph), export it, and read it back through the serving runtime for the soft labels."""
     from tiergate.features import prepare_tokenizer
+    from training.calibrate import fit_temperature
     from training.cloud_train import (
         FusedCloudNet,
         export_cloud_onnx,
@@ -140,263 +275,343 @@ def build_from_catalogue(
         save_tokenizer,
         train_cloud,
     )
-    from training.lexical import train_lexical
-    from training.edge_train import export_edge_onnx, train_edge
+
+    cc = config.cloud
+    train, val = data.train, data.validation
+    lexical = train_lexical_part(data, len(labels), config) if cc.lexical_buckets else None
+    started = time.perf_counter()
+    cloud_net, tokenizer, info = train_cloud(
+        cc, train.texts, train.y, len(labels), val.texts, val.y, seed=seed, progress=config.progress
+    )
+    train_seconds = round(time.perf_counter() - started, 1)
+    fusion = None
+    if lexical is not None:
+        val_lexical = lexical.model.margins(lexical.model.featurize(val.texts))
+        deep_val = predict_cloud(cloud_net, tokenizer, prepare_tokenizer(tokenizer, cc.max_length), val.texts)
+        fusion = fit_fusion(deep_val, val_lexical, val.y)
+        info["fusion"] = fusion.as_dict()
+        info["validation_accuracy_by_part"] = {
+            "deep": accuracy(deep_val, val.y),
+            "lexical": accuracy(val_lexical, val.y),
+            "fused": accuracy(fuse(deep_val, val_lexical, fusion), val.y),
+        }
+        info["lexical_out_of_fold_accuracy"] = accuracy(lexical.out_of_fold, train.y)
+        cloud_net = FusedCloudNet(cloud_net, lexical.model, fusion)
+    onnx = export_cloud_onnx(cloud_net, out_dir / CLOUD_DIR / "cloud_fp32.onnx")
+    tokenizer_path = save_tokenizer(tokenizer, out_dir / CLOUD_DIR / "tokenizer.json", cc.max_length)
+    del cloud_net
+    featurizer = lexical.model.featurizer if lexical is not None else None
+    cloud = _open_cloud(onnx, tokenizer_path, labels, cc.max_length, featurizer)
+    try:
+        started = time.perf_counter()
+        if lexical is not None and fusion is not None:
+            # The lexical branch has memorised the training rows; on them the edge's teacher sees its
+            # out-of-fold margins instead, as it would on rows it never saw.
+            teacher = fuse(batched_components(cloud, train.texts)["deep_logits"], lexical.out_of_fold, fusion)
+        else:
+            teacher = batched_logits(cloud, train.texts)
+        cloud_val = batched_logits(cloud, val.texts)
+        soft_label_seconds = round(time.perf_counter() - started, 1)
+    finally:
+        cloud.close()
+    return CloudStage(
+        onnx=onnx,
+        tokenizer=tokenizer_path,
+        max_length=cc.max_length,
+        featurizer=featurizer,
+        info=info,
+        temperature=fit_temperature(cloud_val, val.y),
+        validation_logits=cloud_val,
+        validation_right=cloud_val.argmax(1) == val.y,
+        teacher_logits=teacher,
+        lexical_seconds=lexical.seconds if lexical is not None else None,
+        train_seconds=train_seconds,
+        soft_label_seconds=soft_label_seconds,
+    )
+
+
+def export_quantized_forms(
+    net: EdgeNet, folder: Path, max_features: int, calibration_ids: np.ndarray
+) -> QuantizedForms:
+    """FP32 ONNX of the trained edge network and its INT8 forms (static QDQ, dynamic per channel and per tensor)."""
+    from training.edge_train import export_edge_onnx
     from training.quantize import quantize_dynamic_int8, quantize_qdq
+
+    fp32 = export_edge_onnx(net, folder / "edge_fp32.onnx", max_features)
+    return QuantizedForms(
+        fp32=fp32,
+        qdq=quantize_qdq(fp32, folder / "edge_int8_qdq.onnx", calibration_ids),
+        dynamic_per_channel=quantize_dynamic_int8(fp32, folder / "edge_int8_dynamic_pc.onnx", per_channel=True),
+        dynamic_per_tensor=quantize_dynamic_int8(fp32, folder / "edge_int8_dynamic_pt.onnx", per_channel=False),
+    )
+
+
+def measure_edge_forms(
+    forms: QuantizedForms, featurizer: dict[str, Any], labels: list[str], val: Catalogue, samples: int
+) -> dict[str, VariantMeasurement]:
+    """Each form's validation accuracy, size and batch-1 latency through the edge runtime."""
+    from edge_runtime.model import EdgeModel
+
+    measured: dict[str, VariantMeasurement] = {}
+    for variant, path in forms.items():
+        model = EdgeModel.from_files(path, featurizer, labels)
+        try:
+            measured[variant] = measure_variant(model, path, val.texts, val.y, samples)
+        finally:
+            model.close()
+    return measured
+
+
+def train_edge_candidate(
+    edge_config: EdgeConfig,
+    out_dir: Path,
+    data: DataSplit,
+    labels: list[str],
+    cloud: CloudStage,
+    config: BuildConfig,
+    seed: int,
+) -> EdgeCandidate:
+    """Distil one edge architecture from the cloud's soft labels, export and quantize it, and measure it."""
+    from training.calibrate import fit_temperature, least_escalation_at_floor
+    from training.edge_train import train_edge
+
+    started = time.perf_counter()
+    train, val = data.train, data.validation
+    featurizer = HashedNgramFeaturizer(n_buckets=edge_config.n_buckets, max_features=edge_config.max_features)
+    train_ids, val_ids = featurizer.transform(train.texts), featurizer.transform(val.texts)
+    net, training_info = train_edge(
+        edge_config,
+        train_ids,
+        train.y,
+        len(labels),
+        val_ids,
+        val.y,
+        teacher_logits=cloud.teacher_logits,
+        seed=seed,
+        progress=config.progress,
+    )
+    calibration_ids = train_ids[np.random.default_rng(seed).permutation(len(train_ids))[:CALIBRATION_ROWS]]
+    folder = out_dir / CANDIDATES_DIR / edge_config.name
+    forms = export_quantized_forms(net, folder, edge_config.max_features, calibration_ids)
+    variants = measure_edge_forms(forms, featurizer.config(), labels, val, config.latency_samples)
+    # Serve the INT8 form with the best validation accuracy; ties go to the first in INT8_VARIANTS
+    # (per-channel), never to noisy latency, so builds stay reproducible.
+    served = max(INT8_VARIANTS, key=lambda v: (variants[v].validation_accuracy, -INT8_VARIANTS.index(v)))
+    temperature = fit_temperature(variants[served].logits, val.y)
+    escalation, signal = (
+        least_escalation_at_floor(
+            variants[served].logits, temperature, val.y, cloud.validation_right, config.target_quality
+        )
+        if config.target_quality is not None
+        else (float("nan"), "max_prob")
+    )
+    candidate = EdgeCandidate(
+        config=edge_config,
+        training=training_info,
+        train_seconds=round(time.perf_counter() - started, 1),
+        forms=forms,
+        variants=variants,
+        served_variant=served,
+        temperature=temperature,
+        featurizer=featurizer.config(),
+        escalation_at_quality_floor=escalation,
+        best_signal_at_floor=signal,
+        within_bounds=within_edge_bounds(variants[served].bytes, variants[served].batch1_latency_ms["p50"]),
+    )
+    logger.info("edge candidate %s: %s", edge_config.name, {v: m.validation_accuracy for v, m in variants.items()})
+    return candidate
+
+
+def choose_candidate(candidates: list[EdgeCandidate]) -> EdgeCandidate:
+    """Among the candidates within the edge's bounds (all, when none is), the least escalation at the quality
+    floor, then the best served validation accuracy."""
+    eligible = [c for c in candidates if c.within_bounds] or candidates
+    return min(
+        eligible,
+        key=lambda c: (
+            c.escalation_at_quality_floor if np.isfinite(c.escalation_at_quality_floor) else 0.0,
+            -c.served.validation_accuracy,
+        ),
+    )
+
+
+def install_edge(out_dir: Path, chosen: EdgeCandidate) -> ServedEdgeFiles:
+    """Copy the chosen candidate's served INT8, QDQ and FP32 files into place and drop the candidates."""
+    edge_dir = out_dir / EDGE_DIR
+    edge_dir.mkdir(parents=True, exist_ok=True)
+    files = ServedEdgeFiles(
+        int8=edge_dir / "edge_int8.onnx", qdq=edge_dir / "edge_int8_qdq.onnx", fp32=edge_dir / "edge_fp32.onnx"
+    )
+    shutil.copyfile(chosen.forms.path(chosen.served_variant), files.int8)
+    shutil.copyfile(chosen.forms.qdq, files.qdq)
+    shutil.copyfile(chosen.forms.fp32, files.fp32)
+    shutil.rmtree(out_dir / CANDIDATES_DIR, ignore_errors=True)
+    return files
+
+
+def calibrate_routing(chosen: EdgeCandidate, val: Catalogue, cloud: CloudStage, config: BuildConfig) -> Calibration:
+    """The confidence signal with the best validation AUROC and the threshold meeting the build's target."""
+    from tiergate.scoring import score
+    from training.calibrate import routing_from_predictions, signal_aurocs
+
+    aurocs = signal_aurocs(chosen.validation_logits, chosen.temperature, val.y)
+    signal = max(aurocs, key=lambda s: aurocs[s])
+    scored = score(chosen.validation_logits, chosen.temperature, signal)
+    routing = routing_from_predictions(
+        signal,
+        scored.confidence,
+        scored.label_index == val.y,
+        cloud.validation_right,
+        target_escalation=config.target_escalation,
+        target_quality=config.target_quality if config.target_escalation is None else None,
+        extra={"signal_auroc": aurocs},
+    )
+    return Calibration(signal=signal, aurocs=aurocs, routing=routing)
+
+
+def measure_test(
+    files: ServedEdgeFiles,
+    chosen: EdgeCandidate,
+    cloud: CloudStage,
+    calibration: Calibration,
+    data: DataSplit,
+    labels: list[str],
+    config: BuildConfig,
+) -> TestMetrics:
+    """Held-out test metrics through the runtime (reporting only: no earlier stage saw the test split)."""
+    from edge_runtime.model import EdgeModel
+    from tiergate.scoring import score
+
+    test, val = data.test, data.validation
+    signal, temperature = calibration.signal, chosen.temperature
+    edge_model = EdgeModel.from_files(files.int8, chosen.featurizer, labels, signal, temperature)
+    edge_fp32_model = EdgeModel.from_files(files.fp32, chosen.featurizer, labels, signal, temperature)
+    cloud_model = cloud.open(labels)
+    try:
+        edge_test = batched_logits(edge_model, test.texts)
+        edge_fp32_test = batched_logits(edge_fp32_model, test.texts)
+        cloud_test = batched_logits(cloud_model, test.texts)
+        edge_latency = batch1_latency_ms(edge_model, test.texts or val.texts, config.latency_samples)
+        cloud_latency = batch1_latency_ms(cloud_model, test.texts or val.texts, min(config.latency_samples, 200))
+    finally:
+        edge_model.close()
+        edge_fp32_model.close()
+        cloud_model.close()
+    test_scored = score(edge_test, temperature, signal)
+    escalate = test_scored.confidence < calibration.routing.threshold
+    edge_right = test_scored.label_index == test.y
+    cloud_right = cloud_test.argmax(1) == test.y
+    return TestMetrics(
+        rows=len(test),
+        edge_int8_accuracy=share(edge_right),
+        edge_fp32_accuracy=accuracy(edge_fp32_test, test.y),
+        cloud_accuracy=share(cloud_right),
+        cascade_accuracy=share(np.where(escalate, cloud_right, edge_right)),
+        escalation_rate=share(escalate),
+        edge_latency_ms=edge_latency,
+        cloud_latency_ms=cloud_latency,
+    )
+
+
+def build_from_catalogue(
+    out_dir: Path, catalogue: Catalogue, task: str, seed: int, config: BuildConfig, data_record: dict[str, Any]
+) -> Manifest:
+    """Run the whole pipeline on ``catalogue`` and write the model directory (shared by real, demo and tiny builds)."""
+    import torch
 
     torch.set_num_threads(2)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sub in (EDGE_DIR, CLOUD_DIR, "candidates"):
+    for sub in (EDGE_DIR, CLOUD_DIR, CANDIDATES_DIR):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
-    split = grouped_split(catalogue.texts, seed)
-    train, val, test = (catalogue.subset(split.train), catalogue.subset(split.validation), catalogue.subset(split.test))
-    n_labels = len(catalogue.labels)
-    logger.info("split %s over %d labels", split.sizes(), n_labels)
-    timings: dict[str, float] = {}
+    labels = catalogue.labels
+    data = DataSplit.of(catalogue, grouped_split(catalogue.texts, seed))
+    logger.info("split %s over %d labels", data.split.sizes(), len(labels))
 
-    # Cloud: the lexical branch (with out-of-fold margins for the training rows) and the fine-tuned deep
-    # model, each trained on its own, fused on validation into one ONNX graph, read back through the
-    # serving runtime.
-    cc = config.cloud
-    lexical = None
-    if cc.lexical_buckets:
-        t0 = time.perf_counter()
-        lexical, oof = train_lexical(
-            train.texts, train.y, n_labels, cc.lexical_buckets, cc.lexical_max_features, cc.lexical_c, cc.lexical_folds
-        )
-        timings["cloud_lexical_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    cloud_net, tokenizer, cloud_info = train_cloud(
-        cc, train.texts, train.y, n_labels, val.texts, val.y, seed=seed, progress=config.progress
-    )
-    timings["cloud_train_s"] = round(time.perf_counter() - t0, 1)
-    fusion = None
-    if lexical is not None:
-        val_lexical = lexical.margins(lexical.featurize(val.texts))
-        deep_val = predict_cloud(cloud_net, tokenizer, prepare_tokenizer(tokenizer, cc.max_length), val.texts)
-        fusion = fit_fusion(deep_val, val_lexical, val.y)
-        cloud_info["fusion"] = fusion.as_dict()
-        cloud_info["validation_accuracy_by_part"] = {
-            "deep": _accuracy(deep_val, val.y),
-            "lexical": _accuracy(val_lexical, val.y),
-            "fused": _accuracy(fuse(deep_val, val_lexical, fusion), val.y),
-        }
-        cloud_info["lexical_out_of_fold_accuracy"] = _accuracy(oof, train.y)
-        cloud_net = FusedCloudNet(cloud_net, lexical, fusion)
-    cloud_onnx = export_cloud_onnx(cloud_net, out_dir / CLOUD_DIR / "cloud_fp32.onnx")
-    tokenizer_path = save_tokenizer(tokenizer, out_dir / CLOUD_DIR / "tokenizer.json", cc.max_length)
-    del cloud_net
-    cloud_featurizer = lexical.featurizer if lexical is not None else None
-    cloud = CloudModel.from_files(
-        cloud_onnx, tokenizer_path, catalogue.labels, cc.max_length, intra_op_threads=2, featurizer_config=cloud_featurizer
-    )
-    t0 = time.perf_counter()
-    if lexical is not None and fusion is not None:
-        # The lexical branch has memorised the training rows; on them the edge's teacher sees its
-        # out-of-fold margins instead, as it would on rows it never saw.
-        teacher_train = fuse(batched_components(cloud, train.texts)["deep_logits"], oof, fusion)
-    else:
-        teacher_train = batched_logits(cloud, train.texts)
-    cloud_val = batched_logits(cloud, val.texts)
-    timings["cloud_soft_labels_s"] = round(time.perf_counter() - t0, 1)
-    cloud_right_val = cloud_val.argmax(1) == val.y
-    cloud_temperature = fit_temperature(cloud_val, val.y)
+    cloud = train_cloud_stage(out_dir, data, labels, config, seed)
+    edge_started = time.perf_counter()
+    candidates = [train_edge_candidate(c, out_dir, data, labels, cloud, config, seed) for c in config.edge_candidates]
+    edge_seconds = round(time.perf_counter() - edge_started, 1)
+    chosen = choose_candidate(candidates)
+    files = install_edge(out_dir, chosen)
+    calibration = calibrate_routing(chosen, data.validation, cloud, config)
+    test = measure_test(files, chosen, cloud, calibration, data, labels, config)
+    timings = {**cloud.timings(), "edge_train_quantize_s": edge_seconds}
+    timings["total_s"] = round(time.perf_counter() - started, 1)
 
-    # Edge candidates: distil, export, quantize; measure on validation through the runtime.
-    candidates: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for edge_config in config.edge_candidates:
-        c_started = time.perf_counter()
-        featurizer = HashedNgramFeaturizer(n_buckets=edge_config.n_buckets, max_features=edge_config.max_features)
-        train_ids, val_ids = featurizer.transform(train.texts), featurizer.transform(val.texts)
-        net, edge_info = train_edge(
-            edge_config, train_ids, train.y, n_labels, val_ids, val.y, teacher_logits=teacher_train, seed=seed,
-            progress=config.progress,
-        )
-        folder = out_dir / "candidates" / edge_config.name
-        fp32 = export_edge_onnx(net, folder / "edge_fp32.onnx", edge_config.max_features)
-        calib = train_ids[np.random.default_rng(seed).permutation(len(train_ids))[:512]]
-        variants = {
-            "fp32": fp32,
-            "qdq": quantize_qdq(fp32, folder / "edge_int8_qdq.onnx", calib),
-            "dynamic_per_channel": quantize_dynamic_int8(fp32, folder / "edge_int8_dynamic_pc.onnx", per_channel=True),
-            "dynamic_per_tensor": quantize_dynamic_int8(fp32, folder / "edge_int8_dynamic_pt.onnx", per_channel=False),
-        }
-        measured: dict[str, dict[str, Any]] = {}
-        for variant, path in variants.items():
-            model = EdgeModel.from_files(path, featurizer.config(), catalogue.labels)
-            logits = batched_logits(model, val.texts)
-            measured[variant] = {
-                "validation_accuracy": round(float((logits.argmax(1) == val.y).mean()), 4),
-                "bytes": path.stat().st_size,
-                "batch1_latency_ms": batch1_latency_ms(model, val.texts, config.latency_samples),
-                "logits": logits,
-            }
-            model.close()
-        int8_names = ["dynamic_per_channel", "dynamic_per_tensor", "qdq"]
-        # Serve the INT8 form with the best validation accuracy; ties go to the first in
-        # int8_names (per-channel), never to noisy latency, so builds stay reproducible.
-        served = max(int8_names, key=lambda v: (measured[v]["validation_accuracy"], -int8_names.index(v)))
-        temperature = fit_temperature(measured[served]["logits"], val.y)
-        escalation, signal = (
-            _escalation_at_floor(measured[served]["logits"], temperature, val.y, cloud_right_val, config.target_quality)
-            if config.target_quality is not None
-            else (float("nan"), "max_prob")
-        )
-        within = (
-            measured[served]["bytes"] <= MAX_EDGE_INT8_BYTES
-            and measured[served]["batch1_latency_ms"]["p50"] <= MAX_EDGE_P50_MS
-        )
-        candidates.append(
-            {
-                "name": edge_config.name,
-                "config": edge_config.as_dict(),
-                "training": edge_info,
-                "train_seconds": round(time.perf_counter() - c_started, 1),
-                "served_variant": served,
-                "temperature": temperature,
-                "escalation_at_quality_floor": escalation,
-                "best_signal_at_floor": signal,
-                "within_bounds": within,
-                "variants": {v: {k: m[k] for k in m if k != "logits"} for v, m in measured.items()},
-                "_paths": variants,
-                "_featurizer": featurizer.config(),
-                "_logits": measured[served]["logits"],
-                "_fp32_logits": measured["fp32"]["logits"],
-            }
-        )
-        logger.info("edge candidate %s: %s", edge_config.name, {v: measured[v]["validation_accuracy"] for v in measured})
-    timings["edge_train_quantize_s"] = round(time.perf_counter() - t0, 1)
-    eligible = [c for c in candidates if c["within_bounds"]] or candidates
-    chosen = min(
-        eligible,
-        key=lambda c: (
-            c["escalation_at_quality_floor"] if np.isfinite(c["escalation_at_quality_floor"]) else 0.0,
-            -c["variants"][c["served_variant"]]["validation_accuracy"],
-        ),
-    )
-
-    # Move the chosen candidate's files into place.
-    (out_dir / EDGE_DIR).mkdir(parents=True, exist_ok=True)
-    served_path = out_dir / EDGE_DIR / "edge_int8.onnx"
-    qdq_path = out_dir / EDGE_DIR / "edge_int8_qdq.onnx"
-    fp32_path = out_dir / EDGE_DIR / "edge_fp32.onnx"
-    shutil.copyfile(chosen["_paths"][chosen["served_variant"]], served_path)
-    shutil.copyfile(chosen["_paths"]["qdq"], qdq_path)
-    shutil.copyfile(chosen["_paths"]["fp32"], fp32_path)
-    shutil.rmtree(out_dir / "candidates", ignore_errors=True)
-
-    # Confidence signal and threshold on validation.
-    edge_val = chosen["_logits"]
-    edge_temperature = float(chosen["temperature"])
-    aurocs = signal_aurocs(edge_val, edge_temperature, val.y)
-    signal = max(aurocs, key=lambda s: aurocs[s])
-    scored = score(edge_val, edge_temperature, signal)
-    routing = routing_from_predictions(
-        signal,
-        scored.confidence,
-        scored.label_index == val.y,
-        cloud_right_val,
-        target_escalation=config.target_escalation,
-        target_quality=config.target_quality if config.target_escalation is None else None,
-        extra={"signal_auroc": aurocs},
-    )
-
-    # Held-out test metrics through the runtime (reporting only: nothing above saw the test split).
-    edge_runtime_model = EdgeModel.from_files(served_path, chosen["_featurizer"], catalogue.labels, signal, edge_temperature)
-    edge_fp32_model = EdgeModel.from_files(fp32_path, chosen["_featurizer"], catalogue.labels, signal, edge_temperature)
-    edge_test = batched_logits(edge_runtime_model, test.texts)
-    edge_fp32_test = batched_logits(edge_fp32_model, test.texts)
-    cloud_test = batched_logits(cloud, test.texts)
-    edge_latency = batch1_latency_ms(edge_runtime_model, test.texts or val.texts, config.latency_samples)
-    cloud_latency = batch1_latency_ms(cloud, test.texts or val.texts, min(config.latency_samples, 200))
-    edge_runtime_model.close()
-    edge_fp32_model.close()
-    cloud.close()
-    test_scored = score(edge_test, edge_temperature, signal)
-    escalate = test_scored.confidence < routing.threshold
-    edge_right_test = test_scored.label_index == test.y
-    cloud_right_test = cloud_test.argmax(1) == test.y
-    cascade_right = np.where(escalate, cloud_right_test, edge_right_test)
-
-    def acc(mask: np.ndarray) -> float:
-        return round(float(np.mean(mask)) if len(mask) else 0.0, 4)
-
-    test_metrics = {
-        "rows": len(test),
-        "edge_int8_accuracy": acc(edge_right_test),
-        "edge_fp32_accuracy": acc(edge_fp32_test.argmax(1) == test.y),
-        "cloud_accuracy": acc(cloud_right_test),
-        "cascade_accuracy": acc(cascade_right),
-        "escalation_rate": acc(escalate),
-    }
-    cloud_val_acc = acc(cloud_right_val)
     edge_metrics = {
-        "architecture": chosen["name"],
-        "config": chosen["config"],
-        "served_variant": chosen["served_variant"],
-        "variants": chosen["variants"],
-        "int8_bytes": served_path.stat().st_size,
-        "qdq_bytes": qdq_path.stat().st_size,
-        "fp32_bytes": fp32_path.stat().st_size,
-        "batch1_latency_ms_with_featurize": edge_latency,
-        "training": chosen["training"],
-        "validation_accuracy": chosen["variants"][chosen["served_variant"]]["validation_accuracy"],
+        "architecture": chosen.name,
+        "config": chosen.config.as_dict(),
+        "served_variant": chosen.served_variant,
+        "variants": chosen.variant_metrics(),
+        "int8_bytes": files.int8.stat().st_size,
+        "qdq_bytes": files.qdq.stat().st_size,
+        "fp32_bytes": files.fp32.stat().st_size,
+        "batch1_latency_ms_with_featurize": test.edge_latency_ms,
+        "training": chosen.training,
+        "validation_accuracy": chosen.served.validation_accuracy,
     }
     cloud_metrics = {
         "config": config.cloud.as_dict(),
-        "training": cloud_info,
-        "validation_accuracy": cloud_val_acc,
-        "fp32_bytes": cloud_onnx.stat().st_size,
-        "batch1_latency_ms": cloud_latency,
+        "training": cloud.info,
+        "validation_accuracy": share(cloud.validation_right),
+        "fp32_bytes": cloud.onnx.stat().st_size,
+        "batch1_latency_ms": test.cloud_latency_ms,
     }
     alternatives = [
-        {
-            "name": c["name"],
-            "served_variant": c["served_variant"],
-            "validation_accuracy": {v: m["validation_accuracy"] for v, m in c["variants"].items()},
-            "int8_bytes": c["variants"][c["served_variant"]]["bytes"],
-            "batch1_latency_ms_p50": c["variants"][c["served_variant"]]["batch1_latency_ms"]["p50"],
-            "escalation_at_quality_floor": c["escalation_at_quality_floor"],
-            "within_bounds": c["within_bounds"],
-            "train_seconds": c["train_seconds"],
-            "chosen": c is chosen,
-        }
+        alternative_row(
+            c.name,
+            c.variants,
+            c.served_variant,
+            c.escalation_at_quality_floor,
+            c.within_bounds,
+            c.train_seconds,
+            chosen=c is chosen,
+        )
         for c in candidates
     ]
-    timings["total_s"] = round(time.perf_counter() - started, 1)
-    created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         version=created.strftime("%Y%m%dT%H%M%SZ"),
         created_at=created.isoformat(),
         task=task,
-        data={**data_record, "seed": seed, "fractions": list(SPLIT_FRACTIONS), "sizes": split.sizes(),
-              "grouping": "normalised product name", "label_parents": catalogue.parents},
-        labels=list(catalogue.labels),
+        data={
+            **data_record,
+            "seed": seed,
+            "fractions": list(SPLIT_FRACTIONS),
+            "sizes": data.split.sizes(),
+            "grouping": "normalised product name",
+            "label_parents": catalogue.parents,
+        },
+        labels=list(labels),
         edge=EdgeSpec(
-            onnx=artifact(out_dir, served_path),
-            qdq_onnx=artifact(out_dir, qdq_path),
-            fp32_onnx=artifact(out_dir, fp32_path),
-            featurizer=chosen["_featurizer"],
-            temperature=edge_temperature,
+            onnx=artifact(out_dir, files.int8),
+            qdq_onnx=artifact(out_dir, files.qdq),
+            fp32_onnx=artifact(out_dir, files.fp32),
+            featurizer=chosen.featurizer,
+            temperature=float(chosen.temperature),
             metrics=edge_metrics,
         ),
         cloud=CloudSpec(
-            onnx=artifact(out_dir, cloud_onnx),
-            tokenizer=artifact(out_dir, tokenizer_path),
+            onnx=artifact(out_dir, cloud.onnx),
+            tokenizer=artifact(out_dir, cloud.tokenizer),
             max_length=int(config.cloud.max_length),
-            temperature=float(cloud_temperature),
+            temperature=float(cloud.temperature),
             metrics=cloud_metrics,
-            featurizer=cloud_featurizer,
+            featurizer=cloud.featurizer,
         ),
-        routing=routing,
-        metrics={"test": test_metrics, "timings_s": timings, "edge_alternatives": alternatives, **config.extra},
+        routing=calibration.routing,
+        metrics={
+            "test": test.as_dict(),
+            "timings_s": timings,
+            "edge_alternatives": alternatives,
+            **config.extra,
+        },
     )
     write_manifest(out_dir, manifest)
-    logger.info("wrote %s in %.0f s; test %s", out_dir, timings["total_s"], json.dumps(test_metrics))
+    logger.info("wrote %s in %.0f s; test %s", out_dir, timings["total_s"], json.dumps(test.as_dict()))
     return manifest
 
 
@@ -414,7 +629,11 @@ def build_models(
         config = replace(config, limit=limit)
     catalogue = load_catalogue(data_dir, task, seed, config)
     if data_dir is None:
-        record: dict[str, Any] = {"source": DEMO_SOURCE, "demo_rows": config.demo_rows, "demo_labels": config.demo_labels}
+        record: dict[str, Any] = {
+            "source": DEMO_SOURCE,
+            "demo_rows": config.demo_rows,
+            "demo_labels": config.demo_labels,
+        }
     else:
         record = {"source": INSTACART_SOURCE, "limit": config.limit}
     return build_from_catalogue(Path(out_dir), catalogue, task, seed, config, record)

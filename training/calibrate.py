@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from tiergate.manifest import RoutingSpec, load_manifest, with_routing, write_manifest
-from training.measure import batched_logits
-from tiergate.scoring import SIGNALS, confidence_from_probs, softmax
+from tiergate.scoring import SIGNALS, confidence_from_probs, score, softmax
+from training.measure import batched_logits, share
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def threshold_for_escalation(confidence: np.ndarray, target: float) -> float:
     n = len(conf)
     if n == 0:
         return 0.0
-    k = int(round(target * n))
+    k = round(target * n)
     # Tied confidences cannot be split, so use the nearest cut between distinct values.
     cuts = np.concatenate([[0, n], np.flatnonzero(np.diff(conf) > 0) + 1])
     return _cut(conf, int(cuts[np.argmin(np.abs(cuts - k))]))
@@ -154,20 +154,34 @@ def routing_from_predictions(
     escalate = np.asarray(confidence) < threshold
     n = max(len(escalate), 1)
     cascade = np.where(escalate, cloud_right, edge_right)
-    cloud_acc = float(np.mean(cloud_right)) if len(cloud_right) else 0.0
+    cloud_acc = share(cloud_right, digits=None)
     calibration: dict[str, Any] = {
         "target": target,
         "split": "validation",
-        "rows": int(len(escalate)),
+        "rows": len(escalate),
         "achieved_escalation": round(float(escalate.sum()) / n, 4),
-        "cascade_accuracy": round(float(np.mean(cascade)) if len(cascade) else 0.0, 4),
-        "edge_accuracy": round(float(np.mean(edge_right)) if len(edge_right) else 0.0, 4),
+        "cascade_accuracy": share(cascade),
+        "edge_accuracy": share(edge_right),
         "cloud_accuracy": round(cloud_acc, 4),
         "quality_ratio": round(float(np.mean(cascade)) / cloud_acc, 4) if cloud_acc else None,
     }
     if extra:
         calibration.update(extra)
     return RoutingSpec(signal=signal, threshold=float(threshold), calibration=calibration)
+
+
+def least_escalation_at_floor(
+    edge_logits: np.ndarray, temperature: float, y: np.ndarray, cloud_right: np.ndarray, quality: float
+) -> tuple[float, str]:
+    """Least escalation (over the signals) keeping the cascade at ``quality`` x cloud on these rows, and its signal."""
+    best = (2.0, "max_prob")
+    for signal in SIGNALS:
+        scored = score(edge_logits, temperature, signal)
+        spec = routing_from_predictions(
+            signal, scored.confidence, scored.label_index == y, cloud_right, target_quality=quality
+        )
+        best = min(best, (spec.calibration["achieved_escalation"], signal))
+    return best
 
 
 def calibrate(
@@ -200,14 +214,17 @@ def calibrate(
         cloud_labels == val.y,
         target_escalation=target_escalation,
         target_quality=target_quality,
-        extra={key: manifest.routing.calibration[key] for key in ("signal_auroc",) if key in manifest.routing.calibration},
+        extra={
+            key: manifest.routing.calibration[key] for key in ("signal_auroc",) if key in manifest.routing.calibration
+        },
     )
     write_manifest(model_dir, with_routing(manifest, routing))
     logger.info(
         "calibrated %s: signal %s threshold %.4f escalation %.3f on %d validation rows",
-        model_dir, routing.signal, routing.threshold, routing.calibration["achieved_escalation"], len(val),
+        model_dir,
+        routing.signal,
+        routing.threshold,
+        routing.calibration["achieved_escalation"],
+        len(val),
     )
     return routing
-
-
-#END

@@ -23,36 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from tiergate.features import encode_batch, prepare_tokenizer
+from training.config import CloudConfig
 from training.lexical import LexicalModel
+from training.measure import accuracy
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CloudConfig:
-    """Cloud model kind and training settings."""
-
-    kind: str = "minilm"  # "minilm" or "tiny"
-    max_length: int = 32
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 8e-5
-    head_lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    dropout: float = 0.1
-    tiny_dim: int = 32
-    tiny_vocab: int = 600
-    label_smoothing: float = 0.0
-    bf16: bool = False  # bfloat16 autocast for the training forward pass (fast on CPUs with AVX512-BF16)
-    lexical_buckets: int = 0  # 0: no lexical branch
-    lexical_max_features: int = 256
-    lexical_c: float = 0.5
-    lexical_folds: int = 4
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON form for the manifest."""
-        return asdict(self)
 
 
 def minilm_path() -> Path:
@@ -129,7 +104,7 @@ def fit_fusion(deep: np.ndarray, lexical: np.ndarray, y: np.ndarray) -> Fusion:
         for gamma in (1.0, 2.0, 5.0, 10.0, 20.0):
             fusion = Fusion(alpha=round(float(alpha), 2), gamma=gamma)
             fused = fuse(deep, lexical, fusion)
-            acc = float((fused.argmax(1) == y).mean())
+            acc = accuracy(fused, y, digits=None)
             loss = float(-_log_softmax(fused)[np.arange(len(y)), y].mean())
             if best is None or (acc, -loss) > (best[0], -best[1]):
                 best = (acc, loss, fusion)
@@ -145,6 +120,9 @@ class FusedCloudNet(nn.Module):
     Inputs: input_ids, attention_mask (the tokenizer's) and ngram_ids (the lexical featurizer's,
     0 = padding). The lexical part is the TF-IDF sum of ``training.lexical`` as Gather + MatMul.
     """
+
+    idf: torch.Tensor  # buffers, declared so they type as tensors rather than Module attributes
+    intercept: torch.Tensor
 
     def __init__(self, deep: nn.Module, lexical: LexicalModel, fusion: Fusion) -> None:
         super().__init__()
@@ -226,12 +204,17 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
         part = order[start : start + chunk]
         part = part[np.argsort(lengths[part], kind="stable")]
         batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
-    rng.shuffle(batches)  # type: ignore[arg-type]
+    rng.shuffle(batches)
     return batches
 
 
 def predict_cloud(
-    model: nn.Module, tokenizer: Tokenizer, pad_id: int, texts: Sequence[str], batch_size: int = 256, progress: bool = False
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    pad_id: int,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    progress: bool = False,
 ) -> np.ndarray:
     """float32 logits of the torch cloud model, in input order."""
     model.eval()
@@ -266,11 +249,13 @@ def train_cloud(
     rng = np.random.default_rng(seed)
     if config.kind == "minilm":
         tokenizer = minilm_tokenizer()
-        model: nn.Module = MiniLMClassifier(n_labels, config.dropout)
-        head = list(model.head.parameters())  # type: ignore[union-attr]
-        body = list(model.encoder.parameters())  # type: ignore[union-attr]
+        minilm = MiniLMClassifier(n_labels, config.dropout)
+        model: nn.Module = minilm
+        head = list(minilm.head.parameters())
+        body = list(minilm.encoder.parameters())
         optimizer = torch.optim.AdamW(
-            [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr}], weight_decay=config.weight_decay
+            [{"params": body, "lr": config.lr}, {"params": head, "lr": config.head_lr}],
+            weight_decay=config.weight_decay,
         )
     elif config.kind == "tiny":
         tokenizer = train_wordlevel_tokenizer(texts, config.tiny_vocab)
@@ -309,7 +294,7 @@ def train_cloud(
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        acc = float((predict_cloud(model, tokenizer, pad_id, val_texts).argmax(1) == val_y).mean()) if len(val_y) else 0.0
+        acc = accuracy(predict_cloud(model, tokenizer, pad_id, val_texts), val_y, digits=None)
         history.append(round(acc, 4))
         logger.info("cloud %s epoch %d validation accuracy %.4f", config.kind, epoch + 1, acc)
         if acc > best_acc:

@@ -1,9 +1,9 @@
-"""The training data: catalogues (Instacart, BigBasket, the generated demo), the grouped split, and re-deriving a built set's split."""
+"""The training data: catalogues (Instacart, BigBasket, the generated demo), the grouped split, and re-deriving
+a built set's split."""
 
 from __future__ import annotations
 
 import csv
-import logging
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -13,8 +13,6 @@ import numpy as np
 
 from tiergate.manifest import Manifest, ManifestError, load_manifest
 
-logger = logging.getLogger(__name__)
-
 TASKS = ("aisle", "department")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 INSTACART_SOURCE = "instacart-products"
@@ -22,32 +20,59 @@ BIGBASKET_SOURCE = "bigbasket-products"
 
 # BigBasket sub_category -> Instacart department, from bigbasket-products/SOURCE.md.
 BIGBASKET_TO_DEPARTMENT: dict[str, tuple[str, ...]] = {
-    "babies": ("Baby Bath & Hygiene", "Diapers & Wipes", "Baby Food & Formula", "Feeding & Nursing", "Baby Accessories"),
+    "babies": (
+        "Baby Bath & Hygiene",
+        "Diapers & Wipes",
+        "Baby Food & Formula",
+        "Feeding & Nursing",
+        "Baby Accessories",
+    ),
     "bakery": ("Breads & Buns", "Cakes & Pastries", "Gourmet Breads"),
     "dairy eggs": ("Dairy", "Eggs", "Dairy & Cheese"),
     "frozen": ("Ice Creams & Desserts", "Frozen Veggies & Snacks"),
     "personal care": (
-        "Bath & Hand Wash", "Feminine Hygiene", "Fragrances & Deos", "Hair Care", "Health & Medicine",
-        "Makeup", "Men's Grooming", "Oral Care", "Skin Care",
+        "Bath & Hand Wash",
+        "Feminine Hygiene",
+        "Fragrances & Deos",
+        "Hair Care",
+        "Health & Medicine",
+        "Makeup",
+        "Men's Grooming",
+        "Oral Care",
+        "Skin Care",
     ),
     "beverages": ("Coffee", "Energy & Soft Drinks", "Fruit Juices & Drinks", "Tea", "Water", "Drinks & Beverages"),
     "household": (
-        "All Purpose Cleaners", "Detergents & Dishwash", "Disposables/Garbage Bag", "Fresheners & Repellents",
+        "All Purpose Cleaners",
+        "Detergents & Dishwash",
+        "Disposables/Garbage Bag",
+        "Fresheners & Repellents",
         "Mops/Brushes & Scrubs",
     ),
     "meat seafood": ("Fish & Seafood", "Mutton & Lamb", "Pork & Other Meats", "Sausages/Bacon & Salami"),
     "produce": (
-        "Fresh Fruits", "Fresh Vegetables", "Exotic Fruits & Veggies", "Organic Fruits & Vegetables",
-        "Herbs & Seasonings", "Cuts & Sprouts",
+        "Fresh Fruits",
+        "Fresh Vegetables",
+        "Exotic Fruits & Veggies",
+        "Organic Fruits & Vegetables",
+        "Herbs & Seasonings",
+        "Cuts & Sprouts",
     ),
     "pantry": (
-        "Masalas & Spices", "Salt/Sugar & Jaggery", "Edible Oils & Ghee", "Oils & Vinegar",
-        "Spreads/Sauces/Ketchup", "Sauces/Spreads & Dips",
+        "Masalas & Spices",
+        "Salt/Sugar & Jaggery",
+        "Edible Oils & Ghee",
+        "Oils & Vinegar",
+        "Spreads/Sauces/Ketchup",
+        "Sauces/Spreads & Dips",
     ),
     "dry goods pasta": ("Dals & Pulses", "Rice & Rice Products", "Noodle/Pasta/Vermicelli"),
     "breakfast": ("Cereals & Breakfast", "Breakfast Cereals"),
     "snacks": (
-        "Chocolates & Candies", "Chocolates & Biscuits", "Biscuits & Cookies", "Snacks & Namkeen",
+        "Chocolates & Candies",
+        "Chocolates & Biscuits",
+        "Biscuits & Cookies",
+        "Snacks & Namkeen",
         "Snacks/Dry Fruits/Nuts",
     ),
     "canned goods": ("Tinned & Processed Food",),
@@ -84,6 +109,10 @@ class Catalogue:
             ids=[self.ids[i] for i in index],
         )
 
+    def examples(self) -> list[tuple[str, str]]:
+        """The rows as (text, label name) pairs."""
+        return [(text, self.labels[int(label)]) for text, label in zip(self.texts, self.y, strict=True)]
+
 
 @dataclass(frozen=True)
 class Split:
@@ -98,23 +127,41 @@ class Split:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
+@dataclass(frozen=True)
+class DataSplit:
+    """A catalogue's three splits as catalogues of their own, with the split's row indices."""
+
+    split: Split
+    train: Catalogue
+    validation: Catalogue
+    test: Catalogue
+
+    @classmethod
+    def of(cls, catalogue: Catalogue, split: Split) -> DataSplit:
+        """The rows of ``catalogue`` that each part of ``split`` holds."""
+        return cls(
+            split=split,
+            train=catalogue.subset(split.train),
+            validation=catalogue.subset(split.validation),
+            test=catalogue.subset(split.test),
+        )
+
+
 def normalise_name(text: str) -> str:
     """Grouping key: NFKC, lowercase, punctuation and spacing collapsed, so near-duplicates share a group."""
     folded = unicodedata.normalize("NFKC", text).lower()
     return _NON_ALNUM.sub(" ", folded).strip()
 
 
-def grouped_split(
-    texts: list[str], seed: int, fractions: tuple[float, float, float] = SPLIT_FRACTIONS
-) -> Split:
+def grouped_split(texts: list[str], seed: int, fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> Split:
     """Assign whole normalised-name groups to train/validation/test with a seeded permutation."""
     if abs(sum(fractions) - 1.0) > 1e-9:
         raise ValueError("split fractions must sum to 1")
     keys = [normalise_name(t) for t in texts]
     groups = sorted(set(keys))
     order = np.random.default_rng(seed).permutation(len(groups))
-    n_train = int(round(fractions[0] * len(groups)))
-    n_val = int(round(fractions[1] * len(groups)))
+    n_train = round(fractions[0] * len(groups))
+    n_val = round(fractions[1] * len(groups))
     part: dict[str, int] = {}
     for rank, g in enumerate(order):
         part[groups[g]] = 0 if rank < n_train else (1 if rank < n_train + n_val else 2)
@@ -146,7 +193,8 @@ def load_instacart(data_dir: Path, task: str = "aisle", limit: int | None = None
     rows = [
         r
         for r in _read_csv(data_dir / "products.csv")
-        if aisles[r["aisle_id"]] != "missing" and departments[r["department_id"]] != "missing"
+        if aisles[r["aisle_id"]] != "missing"
+        and departments[r["department_id"]] != "missing"
         and r["product_name"].strip()
     ]
     if limit is not None and limit < len(rows):
@@ -213,12 +261,32 @@ _AISLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dish detergents": ("household", ("dish soap", "dishwasher pods", "dish liquid", "rinse aid", "dish detergent")),
 }
 _BRANDS = (
-    "Green Valley", "Sunrise", "Happy Farms", "Blue Ridge", "Nature's Best", "Kirkwood", "Maple Lane",
-    "Golden Acre", "Urban Pantry", "Silver Spoon", "Harvest Moon", "Little Oak",
+    "Green Valley",
+    "Sunrise",
+    "Happy Farms",
+    "Blue Ridge",
+    "Nature's Best",
+    "Kirkwood",
+    "Maple Lane",
+    "Golden Acre",
+    "Urban Pantry",
+    "Silver Spoon",
+    "Harvest Moon",
+    "Little Oak",
 )
 _MODIFIERS = ("Organic", "Low Fat", "Original", "Classic", "Family Size", "Gluten Free", "Natural", "Light", "")
 _FLAVOURS = (
-    "Vanilla", "Strawberry", "Honey", "Sea Salt", "Chocolate", "Lemon", "Peach", "Cinnamon", "Mint", "Plain", "",
+    "Vanilla",
+    "Strawberry",
+    "Honey",
+    "Sea Salt",
+    "Chocolate",
+    "Lemon",
+    "Peach",
+    "Cinnamon",
+    "Mint",
+    "Plain",
+    "",
 )
 _SIZES = ("12 oz", "16 oz", "32 oz", "1 lb", "6 ct", "24 ct", "2 L", "500 ml", "")
 
@@ -291,7 +359,9 @@ def load_split_for_manifest(manifest: Manifest, data_dir: Path | None) -> tuple[
     else:
         raise ManifestError(f"unknown data source {data['source']!r} in the manifest")
     if catalogue.labels != manifest.labels:
-        raise ValueError("the data's labels differ from the manifest's; is this the catalogue the models were built on?")
+        raise ValueError(
+            "the data's labels differ from the manifest's; is this the catalogue the models were built on?"
+        )
     split = grouped_split(catalogue.texts, seed, tuple(data.get("fractions", SPLIT_FRACTIONS)))
     if split.sizes() != data.get("sizes", split.sizes()):
         raise ValueError(
@@ -305,5 +375,5 @@ def heldout_examples(model_dir: Path, data_dir: Path | None = None, limit: int |
     """(text, label) rows of the test split the models in ``model_dir`` never saw."""
     manifest = load_manifest(Path(model_dir), verify=False)
     catalogue, split = load_split_for_manifest(manifest, data_dir)
-    rows = [(catalogue.texts[i], catalogue.labels[int(catalogue.y[i])]) for i in split.test]
+    rows = catalogue.subset(split.test).examples()
     return rows if limit is None else rows[:limit]

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,15 @@ import numpy as np
 
 from cloud_runtime.model import CloudModel
 from tiergate.manifest import load_manifest, write_manifest
-from training.measure import batched_components, batched_logits
-from tiergate.scoring import SIGNALS, score
+from training.build import alternative_row
+from training.config import QUALITY_FLOOR, EdgeConfig, within_edge_bounds
+from training.data import DataSplit, load_split_for_manifest
+from training.measure import VariantMeasurement, batched_components, batched_logits, measure_variant
 
 logger = logging.getLogger(__name__)
+
+LATENCY_SAMPLES = 200
+SERVED_VARIANT = "dynamic_per_channel"
 
 
 def truncated_minilm_alternative(
@@ -35,13 +41,18 @@ def truncated_minilm_alternative(
     checksummed, so the served files are untouched). The candidate uses the cloud tier's ONNX interface,
     so it is measured through the same CloudModel runtime code.
     """
-    from dataclasses import replace as dc_replace
-
     import torch
+    from tqdm import tqdm
 
-    from training.data import load_split_for_manifest
-    from training.calibrate import fit_temperature, routing_from_predictions
-    from training.cloud_train import MiniLMClassifier, export_cloud_onnx, save_tokenizer
+    from tiergate.features import encode_batch, prepare_tokenizer
+    from training.calibrate import fit_temperature, least_escalation_at_floor
+    from training.cloud_train import (
+        MiniLMClassifier,
+        export_cloud_onnx,
+        length_bucketed_batches,
+        minilm_tokenizer,
+        save_tokenizer,
+    )
     from training.edge_train import kd_loss
     from training.quantize import quantize_dynamic_int8
 
@@ -49,8 +60,9 @@ def truncated_minilm_alternative(
     started = time.perf_counter()
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     manifest = load_manifest(model_dir)
-    catalogue, split = load_split_for_manifest(manifest, data_dir)
-    train, val = catalogue.subset(split.train), catalogue.subset(split.validation)
+    data = DataSplit.of(*load_split_for_manifest(manifest, data_dir))
+    train, val = data.train, data.validation
+    labels = data.train.labels
     teacher = CloudModel.load(model_dir, manifest, intra_op_threads=2)
     t0 = time.perf_counter()
     # A truncated MiniLM learns from the cloud's MiniLM part where the graph has parts: the fused
@@ -61,15 +73,14 @@ def truncated_minilm_alternative(
     teacher.close()
     teacher_s = time.perf_counter() - t0
 
-    # Student: the pretrained MiniLM cut to its first layers, trained on soft + hard labels
-    # (the shared cloud loop uses hard labels only, so distillation has its own loop here).
-    import training.cloud_train as cloud_train
-
-    student = MiniLMClassifier(len(catalogue.labels))
+    # Student: the pretrained MiniLM cut to its first layers, trained on soft + hard labels with the edge's
+    # distillation weights (the shared cloud loop uses hard labels only, so distillation has its own loop here).
+    distil = EdgeConfig()
+    student = MiniLMClassifier(len(labels))
     student.encoder.encoder.layer = student.encoder.encoder.layer[:layers]
     student.encoder.config.num_hidden_layers = layers
-    tokenizer = cloud_train.minilm_tokenizer()
-    pad_id = cloud_train.prepare_tokenizer(tokenizer, max_length)
+    tokenizer = minilm_tokenizer()
+    pad_id = prepare_tokenizer(tokenizer, max_length)
     optimizer = torch.optim.AdamW(
         [{"params": student.encoder.parameters(), "lr": 1.5e-4}, {"params": student.head.parameters(), "lr": 3e-3}],
         weight_decay=0.01,
@@ -82,16 +93,15 @@ def truncated_minilm_alternative(
     batches_per_epoch = int(np.ceil(len(train) / 64))
     total = batches_per_epoch * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
-    from tqdm import tqdm
 
     t0 = time.perf_counter()
     for epoch in range(epochs):
         student.train()
-        for index in tqdm(cloud_train.length_bucketed_batches(lengths, 64, rng), desc=f"minilm-{layers}L distil {epoch + 1}"):
-            ids, mask = cloud_train.encode_batch(tokenizer, [train.texts[i] for i in index], pad_id)
+        for index in tqdm(length_bucketed_batches(lengths, 64, rng), desc=f"minilm-{layers}L distil {epoch + 1}"):
+            ids, mask = encode_batch(tokenizer, [train.texts[i] for i in index], pad_id)
             logits = student(torch.from_numpy(ids), torch.from_numpy(mask))
             idx = torch.from_numpy(index)
-            loss = kd_loss(logits, y[idx], soft[idx], 0.7, 2.0)
+            loss = kd_loss(logits, y[idx], soft[idx], distil.kd_alpha, distil.kd_temperature)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -101,52 +111,38 @@ def truncated_minilm_alternative(
     fp32 = export_cloud_onnx(student, work_dir / f"minilm{layers}l_fp32.onnx")
     int8 = quantize_dynamic_int8(fp32, work_dir / f"minilm{layers}l_int8_pc.onnx", per_channel=True)
     tok_path = save_tokenizer(tokenizer, work_dir / "tokenizer.json", max_length)
-    measured: dict[str, Any] = {}
-    for name, path in (("fp32", fp32), ("dynamic_per_channel", int8)):
-        model = CloudModel.from_files(path, tok_path, catalogue.labels, max_length)
-        logits = batched_logits(model, val.texts)
-        timings = []
-        for i in range(200):
-            s = time.perf_counter()
-            model.logits([val.texts[i % len(val)]])
-            timings.append(time.perf_counter() - s)
-        model.close()
-        measured[name] = {
-            "validation_accuracy": round(float((logits.argmax(1) == val.y).mean()), 4),
-            "bytes": path.stat().st_size,
-            "p50_ms": round(float(np.percentile(np.array(timings) * 1e3, 50)), 4),
-            "logits": logits,
-        }
-    served = measured["dynamic_per_channel"]
-    temperature = fit_temperature(served["logits"], val.y)
-    escalation = min(
-        routing_from_predictions(
-            s, score(served["logits"], temperature, s).confidence,
-            score(served["logits"], temperature, s).label_index == val.y, cloud_right_val, target_quality=0.99,
-        ).calibration["achieved_escalation"]
-        for s in SIGNALS
-    )
+    measured: dict[str, VariantMeasurement] = {}
+    for name, path in (("fp32", fp32), (SERVED_VARIANT, int8)):
+        model = CloudModel.from_files(path, tok_path, labels, max_length)
+        try:
+            measured[name] = measure_variant(model, path, val.texts, val.y, LATENCY_SAMPLES)
+        finally:
+            model.close()
+    served = measured[SERVED_VARIANT]
+    temperature = fit_temperature(served.logits, val.y)
+    escalation, _ = least_escalation_at_floor(served.logits, temperature, val.y, cloud_right_val, QUALITY_FLOOR)
     result = {
-        "name": f"minilm-first-{layers}-layers-distilled",
-        "served_variant": "dynamic_per_channel",
-        "validation_accuracy": {"fp32": measured["fp32"]["validation_accuracy"],
-                                "dynamic_per_channel": served["validation_accuracy"]},
-        "int8_bytes": served["bytes"],
-        "batch1_latency_ms_p50": served["p50_ms"],
-        "escalation_at_quality_floor": escalation,
-        "within_bounds": bool(served["bytes"] <= 25 * 2**20 and served["p50_ms"] <= 2.0),
-        "train_seconds": round(train_s, 1),
-        "teacher_soft_label_seconds": round(teacher_s, 1),
-        "epochs": epochs,
-        "teacher": f"cloud {teacher_output}",
-        "chosen": False,
+        **alternative_row(
+            f"minilm-first-{layers}-layers-distilled",
+            measured,
+            SERVED_VARIANT,
+            escalation,
+            within_edge_bounds(served.bytes, served.batch1_latency_ms["p50"]),
+            round(train_s, 1),
+            chosen=False,
+            extra={
+                "teacher_soft_label_seconds": round(teacher_s, 1),
+                "epochs": epochs,
+                "teacher": f"cloud {teacher_output}",
+            },
+        ),
         "note": "measured after the build; uses the cloud ONNX interface (tokenizer + input_ids/attention_mask)",
     }
     logger.info("truncated MiniLM alternative: %s (%.0f s)", json.dumps(result), time.perf_counter() - started)
     if record:
         manifest = load_manifest(model_dir, verify=False)
         others = [a for a in manifest.metrics.get("edge_alternatives", []) if a["name"] != result["name"]]
-        metrics = {**manifest.metrics, "edge_alternatives": others + [result]}
-        write_manifest(model_dir, dc_replace(manifest, metrics=metrics))
+        metrics = {**manifest.metrics, "edge_alternatives": [*others, result]}
+        write_manifest(model_dir, replace(manifest, metrics=metrics))
     shutil.rmtree(work_dir, ignore_errors=True)
     return result

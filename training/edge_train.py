@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,30 +12,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.config import EdgeConfig
+from training.measure import accuracy
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """Architecture and training settings of one edge candidate."""
-
-    name: str = "ngram-mlp"
-    n_buckets: int = 2**18
-    max_features: int = 96
-    dim: int = 64
-    hidden: int = 256
-    dropout: float = 0.2
-    epochs: int = 12
-    batch_size: int = 256
-    lr: float = 2e-3
-    embedding_lr: float = 2e-2
-    kd_alpha: float = 0.7
-    kd_temperature: float = 2.0
-    patience: int = 3
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON form for the manifest."""
-        return asdict(self)
 
 
 class EdgeNet(nn.Module):
@@ -66,7 +45,9 @@ class EdgeNet(nn.Module):
         return self.mlp(summed / count)
 
 
-def kd_loss(logits: torch.Tensor, hard: torch.Tensor, soft_logits: torch.Tensor | None, alpha: float, t: float) -> torch.Tensor:
+def kd_loss(
+    logits: torch.Tensor, hard: torch.Tensor, soft_logits: torch.Tensor | None, alpha: float, t: float
+) -> torch.Tensor:
     """alpha x KL(teacher || student) at temperature t (scaled by t^2) + (1 - alpha) x cross-entropy on hard labels."""
     ce = nn.functional.cross_entropy(logits, hard)
     if soft_logits is None or alpha <= 0.0:
@@ -116,13 +97,15 @@ def train_edge(
         for start in tqdm(batches, desc=f"edge {config.name} epoch {epoch + 1}", disable=not progress, leave=False):
             index = order[start : start + config.batch_size]
             logits = model(x[index])
-            loss = kd_loss(logits, y[index], None if soft is None else soft[index], config.kd_alpha, config.kd_temperature)
+            loss = kd_loss(
+                logits, y[index], None if soft is None else soft[index], config.kd_alpha, config.kd_temperature
+            )
             sparse_opt.zero_grad()
             dense_opt.zero_grad()
             loss.backward()
             sparse_opt.step()
             dense_opt.step()
-        acc = float((predict_edge(model, val_ids).argmax(1) == val_y).mean()) if len(val_y) else 0.0
+        acc = accuracy(predict_edge(model, val_ids), val_y, digits=None)
         history.append(round(acc, 4))
         logger.info("edge %s epoch %d validation accuracy %.4f", config.name, epoch + 1, acc)
         if acc > best_acc:

@@ -13,10 +13,11 @@ import numpy as np
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
 from tiergate.manifest import Manifest, load_manifest
-from training.measure import batch1_latency_ms, batched_components, batched_logits
 from tiergate.scoring import SIGNALS, score
 from training.calibrate import auroc, cascade_curve
-from training.data import load_bigbasket_departments
+from training.config import QUALITY_FLOOR
+from training.data import load_bigbasket_departments, load_split_for_manifest
+from training.measure import accuracy, batch1_latency_ms, batched_components, batched_logits, share
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
 # Quoted from instacart-products/SOURCE.md (TF-IDF word 1-2 + char_wb 2-5 grams, LinearSVC).
 BASELINE_TFIDF_SVM = {"aisle": 0.787, "department": 0.867}
-QUALITY_FLOOR = 0.99
 MAX_ESCALATION = 0.15
 
 
@@ -50,11 +50,18 @@ def tfidf_svm_baseline(train_texts: list[str], train_y: np.ndarray, test_texts: 
         TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
         TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
     )
-    return np.asarray(make_pipeline(features, LinearSVC(C=0.5, random_state=0)).fit(train_texts, train_y).predict(test_texts))
+    return np.asarray(
+        make_pipeline(features, LinearSVC(C=0.5, random_state=0)).fit(train_texts, train_y).predict(test_texts)
+    )
 
 
 def _same_split_baseline(
-    train_texts: list[str], train_y: np.ndarray, test_texts: list[str], test_y: np.ndarray, task: str, to_group: np.ndarray
+    train_texts: list[str],
+    train_y: np.ndarray,
+    test_texts: list[str],
+    test_y: np.ndarray,
+    task: str,
+    to_group: np.ndarray,
 ) -> dict[str, Any]:
     """The reference model's test accuracy on the models' own split, for the task and (aisles) departments.
 
@@ -62,17 +69,20 @@ def _same_split_baseline(
     """
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "model": "TF-IDF word 1-2 + char_wb 2-5 grams (sublinear tf), LinearSVC C=0.5, fitted on this build's train split",
-        task: round(float((tfidf_svm_baseline(train_texts, train_y, test_texts) == test_y).mean()), 4),
+        "model": "TF-IDF word 1-2 + char_wb 2-5 grams (sublinear tf), LinearSVC C=0.5, "
+        "fitted on this build's train split",
+        task: accuracy(tfidf_svm_baseline(train_texts, train_y, test_texts), test_y),
     }
     if task == "aisle":
         department_pred = tfidf_svm_baseline(train_texts, to_group[train_y], test_texts)
-        result["department"] = round(float((department_pred == to_group[test_y]).mean()), 4)
+        result["department"] = accuracy(department_pred, to_group[test_y])
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def _curve_points(confidence: np.ndarray, edge_right: np.ndarray, cloud_right: np.ndarray, points: int = 101) -> dict[str, list[float]]:
+def _curve_points(
+    confidence: np.ndarray, edge_right: np.ndarray, cloud_right: np.ndarray, points: int = 101
+) -> dict[str, list[float]]:
     """The cascade curve resampled at evenly spaced escalation rates (for JSON and the plot)."""
     curve = cascade_curve(confidence, edge_right, cloud_right)
     grid = np.linspace(0.0, 1.0, points)
@@ -104,27 +114,29 @@ def _section(
     escalate = edge_scored.confidence < manifest.routing.threshold
     cascade_pred = np.where(escalate, cloud_pred, edge_pred)
     cascade_right = cascade_pred == gold
-    cloud_acc = float(cloud_right.mean()) if len(gold) else 0.0
+    cloud_acc = share(cloud_right, digits=None)
     curve = cascade_curve(edge_scored.confidence, edge_right, cloud_right)
     reachable = np.flatnonzero(curve.accuracy >= QUALITY_FLOOR * cloud_acc - 1e-12)
     aurocs = {
         s: round(auroc(score(edge_logits, manifest.edge.temperature, s).confidence, edge_right), 4) for s in SIGNALS
     }
     return {
-        "rows": int(len(gold)),
-        "edge_accuracy": round(float(edge_right.mean()), 4),
+        "rows": len(gold),
+        "edge_accuracy": share(edge_right),
         "cloud_accuracy": round(cloud_acc, 4),
         "edge_macro_f1": round(_macro_f1(edge_pred, gold), 4),
         "cloud_macro_f1": round(_macro_f1(cloud_pred, gold), 4),
         "operating_point": {
             "threshold": manifest.routing.threshold,
             "signal": manifest.routing.signal,
-            "escalation": round(float(escalate.mean()), 4),
-            "cascade_accuracy": round(float(cascade_right.mean()), 4),
+            "escalation": share(escalate),
+            "cascade_accuracy": share(cascade_right),
             "cascade_macro_f1": round(_macro_f1(cascade_pred, gold), 4),
             "quality_ratio": round(float(cascade_right.mean()) / cloud_acc, 4) if cloud_acc else None,
         },
-        "oracle_min_escalation_at_quality_floor": round(float(curve.escalation[reachable[0]]), 4) if len(reachable) else None,
+        "oracle_min_escalation_at_quality_floor": round(float(curve.escalation[reachable[0]]), 4)
+        if len(reachable)
+        else None,
         "signal_auroc_edge_right": aurocs,
         "curve": _curve_points(edge_scored.confidence, edge_right, cloud_right),
     }
@@ -139,8 +151,6 @@ def evaluate(
     latency_samples: int = 500,
 ) -> dict[str, Any]:
     """Evaluate the model set on its held-out test split (and BigBasket when given); write report.json/.md/.png."""
-    from training.data import load_split_for_manifest
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     manifest = load_manifest(model_dir)
     catalogue, split = load_split_for_manifest(manifest, data_dir)
@@ -173,10 +183,10 @@ def evaluate(
             "split_sizes": manifest.data.get("sizes"),
             "test": _section(edge_logits, cloud_logits, test.y, manifest),
             "edge_variants_test_accuracy": {
-                "int8_served": round(float((edge_logits.argmax(1) == test.y).mean()), 4),
-                "fp32": round(float((fp32_logits.argmax(1) == test.y).mean()), 4),
-                "int8_qdq": round(float((qdq_logits.argmax(1) == test.y).mean()), 4),
-                "int8_vs_fp32_agreement": round(float((edge_logits.argmax(1) == fp32_logits.argmax(1)).mean()), 4),
+                "int8_served": accuracy(edge_logits, test.y),
+                "fp32": accuracy(fp32_logits, test.y),
+                "int8_qdq": accuracy(qdq_logits, test.y),
+                "int8_vs_fp32_agreement": accuracy(edge_logits, fp32_logits.argmax(1)),
                 "served_variant": manifest.edge.metrics.get("served_variant"),
             },
             "latency": latency,
@@ -186,21 +196,24 @@ def evaluate(
                 "edge_fp32": (model_dir / manifest.edge.fp32_onnx.path).stat().st_size,
                 "cloud_fp32": (model_dir / manifest.cloud.onnx.path).stat().st_size,
             },
-            "routing": {"signal": manifest.routing.signal, "threshold": manifest.routing.threshold,
-                        "calibration": manifest.routing.calibration},
+            "routing": {
+                "signal": manifest.routing.signal,
+                "threshold": manifest.routing.threshold,
+                "calibration": manifest.routing.calibration,
+            },
             "temperatures": {"edge": manifest.edge.temperature, "cloud": manifest.cloud.temperature},
             "edge_alternatives": manifest.metrics.get("edge_alternatives", []),
             "build_timings_s": manifest.metrics.get("timings_s", {}),
             "cloud_training": manifest.cloud.metrics.get("training", {}),
-            "cloud_parts_test_accuracy": {
-                name: round(float((logits.argmax(1) == test.y).mean()), 4) for name, logits in cloud_parts.items()
-            },
+            "cloud_parts_test_accuracy": {name: accuracy(logits, test.y) for name, logits in cloud_parts.items()},
             "cloud_fusion": manifest.cloud.metrics.get("training", {}).get("fusion"),
             "baseline_tfidf_svm": BASELINE_TFIDF_SVM if manifest.data["source"] == "instacart-products" else None,
         }
         if manifest.task == "aisle":
             report["department_from_aisle"] = _section(edge_logits, cloud_logits, to_group[test.y], manifest, to_group)
-        report["baseline_same_split"] = _same_split_baseline(train.texts, train.y, test.texts, test.y, manifest.task, to_group)
+        report["baseline_same_split"] = _same_split_baseline(
+            train.texts, train.y, test.texts, test.y, manifest.task, to_group
+        )
         if bigbasket_dir is not None:
             texts, departments = load_bigbasket_departments(Path(bigbasket_dir))
             if bigbasket_limit is not None and bigbasket_limit < len(texts):
@@ -209,7 +222,9 @@ def evaluate(
             known = [i for i, d in enumerate(departments) if d in groups]
             texts = [texts[i] for i in known]
             gold = np.array([groups.index(departments[i]) for i in known], dtype=np.int64)
-            report["bigbasket_departments"] = _section(batched_logits(edge, texts), batched_logits(cloud, texts), gold, manifest, to_group)
+            report["bigbasket_departments"] = _section(
+                batched_logits(edge, texts), batched_logits(cloud, texts), gold, manifest, to_group
+            )
     finally:
         for model in (edge, edge_fp32, edge_qdq, cloud):
             model.close()
@@ -228,7 +243,10 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
     op = test["operating_point"]
     variants = report["edge_variants_test_accuracy"]
     targets: dict[str, Any] = {
-        "cascade_quality_ratio_ge_0.99": {"value": op["quality_ratio"], "met": bool((op["quality_ratio"] or 0) >= QUALITY_FLOOR)},
+        "cascade_quality_ratio_ge_0.99": {
+            "value": op["quality_ratio"],
+            "met": bool((op["quality_ratio"] or 0) >= QUALITY_FLOOR),
+        },
         "escalation_le_0.15": {"value": op["escalation"], "met": bool(op["escalation"] <= MAX_ESCALATION)},
         "edge_int8_loss_le_0.5pt": {
             "value": round(variants["fp32"] - variants["int8_served"], 4),
@@ -239,13 +257,15 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
     if quoted and report["task"] in quoted:
         floor = round(quoted[report["task"]] + 0.03, 4)
         targets[f"cloud_ge_quoted_baseline_plus_3pt_{floor}"] = {
-            "value": test["cloud_accuracy"], "met": bool(test["cloud_accuracy"] >= floor)
+            "value": test["cloud_accuracy"],
+            "met": bool(test["cloud_accuracy"] >= floor),
         }
     same = report.get("baseline_same_split") or {}
     if report["task"] in same:
         floor = round(same[report["task"]] + 0.03, 4)
         targets[f"cloud_ge_same_split_baseline_plus_3pt_{floor}"] = {
-            "value": test["cloud_accuracy"], "met": bool(test["cloud_accuracy"] >= floor)
+            "value": test["cloud_accuracy"],
+            "met": bool(test["cloud_accuracy"] >= floor),
         }
     return targets
 
@@ -260,13 +280,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Tiergate evaluation: {report['task']} task, model {report['model_version']}",
         "",
         f"Data: {report['data_source']}; split sizes {report['split_sizes']} (grouped by normalised name). "
-        "All numbers on the held-out test split unless marked; models run through EdgeModel/CloudModel (ONNX Runtime, CPU).",
+        "All numbers on the held-out test split unless marked; "
+        "models run through EdgeModel/CloudModel (ONNX Runtime, CPU).",
         "",
-        "| set | rows | edge INT8 | cloud FP32 | cascade | escalation | cascade / cloud | min escalation for 0.99x cloud (oracle) |",
+        "| set | rows | edge INT8 | cloud FP32 | cascade | escalation | cascade / cloud "
+        "| min escalation for 0.99x cloud (oracle) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    sections = [("Instacart test", "test"), ("department (from aisle)", "department_from_aisle"),
-                ("BigBasket (mapped departments)", "bigbasket_departments")]
+    sections = [
+        ("Instacart test", "test"),
+        ("department (from aisle)", "department_from_aisle"),
+        ("BigBasket (mapped departments)", "bigbasket_departments"),
+    ]
     for title, key in sections:
         if key not in report:
             continue
@@ -279,6 +304,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     v = report["edge_variants_test_accuracy"]
     lat = report["latency"]
+    edge_int8 = lat["edge_int8_batch1_ms_with_featurize"]
+    edge_fp32 = lat["edge_fp32_batch1_ms_with_featurize"]
+    cloud_fp32 = lat["cloud_fp32_batch1_ms_with_tokenize"]
     sizes = report["sizes_bytes"]
     lines += [
         "",
@@ -290,25 +318,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Edge model",
         "",
-        f"- Served INT8 form: {v['served_variant']}; test accuracy INT8 {_pct(v['int8_served'])}, FP32 {_pct(v['fp32'])}, "
+        f"- Served INT8 form: {v['served_variant']}; "
+        f"test accuracy INT8 {_pct(v['int8_served'])}, FP32 {_pct(v['fp32'])}, "
         f"QDQ INT8 {_pct(v['int8_qdq'])}; INT8/FP32 agreement {_pct(v['int8_vs_fp32_agreement'])}.",
         f"- Sizes: INT8 {sizes['edge_int8'] / 2**20:.2f} MiB, QDQ {sizes['edge_qdq'] / 2**20:.2f} MiB, "
         f"FP32 {sizes['edge_fp32'] / 2**20:.2f} MiB; cloud FP32 {sizes['cloud_fp32'] / 2**20:.1f} MiB.",
-        f"- Batch-1 latency with preprocessing (p50 / p99): edge INT8 {lat['edge_int8_batch1_ms_with_featurize']['p50']:.3f} / "
-        f"{lat['edge_int8_batch1_ms_with_featurize']['p99']:.3f} ms; edge FP32 {lat['edge_fp32_batch1_ms_with_featurize']['p50']:.3f} / "
-        f"{lat['edge_fp32_batch1_ms_with_featurize']['p99']:.3f} ms; cloud FP32 {lat['cloud_fp32_batch1_ms_with_tokenize']['p50']:.2f} / "
-        f"{lat['cloud_fp32_batch1_ms_with_tokenize']['p99']:.2f} ms (1 intra-op thread).",
+        f"- Batch-1 latency with preprocessing (p50 / p99): edge INT8 {edge_int8['p50']:.3f} / "
+        f"{edge_int8['p99']:.3f} ms; edge FP32 {edge_fp32['p50']:.3f} / "
+        f"{edge_fp32['p99']:.3f} ms; cloud FP32 {cloud_fp32['p50']:.2f} / "
+        f"{cloud_fp32['p99']:.2f} ms (1 intra-op thread).",
         "",
-        "## Escalation signal (AUROC of \"edge is right\", test split)",
+        '## Escalation signal (AUROC of "edge is right", test split)',
         "",
         "| signal | AUROC |",
         "|---|---|",
-        *[f"| {s}{' (used)' if s == report['routing']['signal'] else ''} | {a} |" for s, a in report["test"]["signal_auroc_edge_right"].items()],
+        *[
+            f"| {s}{' (used)' if s == report['routing']['signal'] else ''} | {a} |"
+            for s, a in report["test"]["signal_auroc_edge_right"].items()
+        ],
         "",
         f"Routing: escalate when {report['routing']['signal']} < {report['routing']['threshold']:.4f}; "
         f"calibrated on validation: {json.dumps(report['routing']['calibration'].get('target'))}, "
         f"achieved escalation {report['routing']['calibration'].get('achieved_escalation')} on "
-        f"{report['routing']['calibration'].get('rows')} validation rows. Temperatures: edge {report['temperatures']['edge']:.3f}, "
+        f"{report['routing']['calibration'].get('rows')} validation rows. "
+        f"Temperatures: edge {report['temperatures']['edge']:.3f}, "
         f"cloud {report['temperatures']['cloud']:.3f}.",
     ]
     if report["edge_alternatives"]:
@@ -316,14 +349,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "## Edge architectures tried (validation split)",
             "",
-            "| candidate | served INT8 form | val acc FP32 | val acc INT8 | INT8 MiB | batch-1 p50 ms | escalation at 0.99x cloud | within bounds | chosen |",
+            "| candidate | served INT8 form | val acc FP32 | val acc INT8 | INT8 MiB | batch-1 p50 ms "
+            "| escalation at 0.99x cloud | within bounds | chosen |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for alt in report["edge_alternatives"]:
             accs = alt["validation_accuracy"]
             lines.append(
-                f"| {alt['name']} | {alt['served_variant']} | {_pct(accs.get('fp32'))} | {_pct(accs.get(alt['served_variant']))} | "
-                f"{alt['int8_bytes'] / 2**20:.2f} | {alt['batch1_latency_ms_p50']:.3f} | {_pct(alt['escalation_at_quality_floor'])} | "
+                f"| {alt['name']} | {alt['served_variant']} | {_pct(accs.get('fp32'))} "
+                f"| {_pct(accs.get(alt['served_variant']))} | "
+                f"{alt['int8_bytes'] / 2**20:.2f} | {alt['batch1_latency_ms_p50']:.3f} "
+                f"| {_pct(alt['escalation_at_quality_floor'])} | "
                 f"{alt['within_bounds']} | {'yes' if alt['chosen'] else ''} |"
             )
     parts = report.get("cloud_parts_test_accuracy") or {}
@@ -342,14 +378,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     same = report.get("baseline_same_split") or {}
     lines += ["", "## Baseline", ""]
     if same:
-        lines.append(f"- Measured on this split: {same['model']}: "
-                     + ", ".join(f"{k} {_pct(v)}" for k, v in same.items() if k in ("aisle", "department")) + ".")
+        lines.append(
+            f"- Measured on this split: {same['model']}: "
+            + ", ".join(f"{k} {_pct(v)}" for k, v in same.items() if k in ("aisle", "department"))
+            + "."
+        )
     if report.get("baseline_tfidf_svm"):
         lines.append(f"- Quoted from SOURCE.md (80/20 split): TF-IDF + LinearSVC {report['baseline_tfidf_svm']}.")
     timings = report.get("build_timings_s") or {}
     if timings:
-        lines += ["", f"Build timings (s, this machine): {json.dumps(timings)}; cloud training: "
-                  f"{json.dumps({k: report['cloud_training'].get(k) for k in ('train_seconds', 'best_epoch', 'history', 'torch_threads')})}."]
+        training = {
+            k: report["cloud_training"].get(k) for k in ("train_seconds", "best_epoch", "history", "torch_threads")
+        }
+        lines += [
+            "",
+            f"Build timings (s, this machine): {json.dumps(timings)}; cloud training: {json.dumps(training)}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -361,18 +405,30 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in ("test", "department_from_aisle", "bigbasket_departments") if k in report]
-    titles = {"test": f"Instacart {report['task']} (test)", "department_from_aisle": "Instacart department (from aisle)",
-              "bigbasket_departments": "BigBasket, mapped departments"}
+    titles = {
+        "test": f"Instacart {report['task']} (test)",
+        "department_from_aisle": "Instacart department (from aisle)",
+        "bigbasket_departments": "BigBasket, mapped departments",
+    }
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes[0], keys, strict=True):
         s = report[key]
         op = s["operating_point"]
         ax.plot(s["curve"]["escalation"], s["curve"]["accuracy"], label="cascade (all thresholds)", color="tab:blue")
         ax.axhline(s["edge_accuracy"], color="tab:orange", linestyle=":", label=f"edge only {s['edge_accuracy']:.3f}")
-        ax.axhline(s["cloud_accuracy"], color="tab:green", linestyle="--", label=f"cloud only {s['cloud_accuracy']:.3f}")
-        ax.axhline(QUALITY_FLOOR * s["cloud_accuracy"], color="grey", linestyle="-.", linewidth=0.8, label="0.99 x cloud")
-        ax.scatter([op["escalation"]], [op["cascade_accuracy"]], color="red", zorder=5,
-                   label=f"operating point ({op['escalation']:.1%}, {op['cascade_accuracy']:.3f})")
+        ax.axhline(
+            s["cloud_accuracy"], color="tab:green", linestyle="--", label=f"cloud only {s['cloud_accuracy']:.3f}"
+        )
+        ax.axhline(
+            QUALITY_FLOOR * s["cloud_accuracy"], color="grey", linestyle="-.", linewidth=0.8, label="0.99 x cloud"
+        )
+        ax.scatter(
+            [op["escalation"]],
+            [op["cascade_accuracy"]],
+            color="red",
+            zorder=5,
+            label=f"operating point ({op['escalation']:.1%}, {op['cascade_accuracy']:.3f})",
+        )
         ax.set_title(titles[key])
         ax.set_xlabel("escalation rate")
         ax.set_ylabel("accuracy")

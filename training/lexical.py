@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sparse
+from scipy import sparse
 
 from tiergate.features import HashedNgramFeaturizer, NgramBlocks
 from training.data import normalise_name
+from training.measure import accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,16 @@ def lexical_featurizer(n_buckets: int, max_features: int, word_features: int = 4
     """A word 1-2 gram block and a character 2-5 gram block (the reference TF-IDF + SVM's n-gram ranges);
     ``max_features`` is the character block's width."""
     # An empty range turns a kind of n-gram off: (0, 0) no character n-grams, (1, 0) no word n-grams.
-    return NgramBlocks([
-        HashedNgramFeaturizer(n_buckets=n_buckets, max_features=word_features, word_ngrams=(1, 2), char_ngrams=(0, 0)),
-        HashedNgramFeaturizer(n_buckets=n_buckets, max_features=max_features, word_ngrams=(1, 0), char_ngrams=(2, 5)),
-    ])
+    return NgramBlocks(
+        [
+            HashedNgramFeaturizer(
+                n_buckets=n_buckets, max_features=word_features, word_ngrams=(1, 2), char_ngrams=(0, 0)
+            ),
+            HashedNgramFeaturizer(
+                n_buckets=n_buckets, max_features=max_features, word_ngrams=(1, 0), char_ngrams=(2, 5)
+            ),
+        ]
+    )
 
 
 def fit_idf(ids: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -77,7 +84,7 @@ def fit_idf(ids: np.ndarray, n_buckets: int) -> np.ndarray:
 def block_slices(widths: Sequence[int]) -> list[slice]:
     """Column slice of each block in a row of concatenated ids."""
     ends = np.cumsum(widths)
-    return [slice(int(end - width), int(end)) for end, width in zip(ends, widths)]
+    return [slice(int(end - width), int(end)) for end, width in zip(ends, widths, strict=True)]
 
 
 def tfidf_rows(ids: np.ndarray, idf: np.ndarray, widths: Sequence[int]) -> sparse.csr_matrix:
@@ -138,6 +145,10 @@ def train_lexical(
             oof[held] = np.asarray(x[held] @ coef, dtype=np.float32) + intercept
     coef, intercept = _fit_svm(x, y, n_labels, c)
     model = LexicalModel(featurizer=featurizer.config(), idf=idf, coef=coef, intercept=intercept)
-    logger.info("lexical branch: %d buckets, %d rows, out-of-fold accuracy %.4f", n_buckets, len(texts),
-                float((oof.argmax(1) == y).mean()) if len(y) else 0.0)
+    logger.info(
+        "lexical branch: %d buckets, %d rows, out-of-fold accuracy %.4f",
+        n_buckets,
+        len(texts),
+        accuracy(oof, y, digits=None),
+    )
     return model, oof

@@ -1,4 +1,4 @@
-"""Measuring runtime models (EdgeModel, CloudModel): batched logits, call timings and percentiles."""
+"""Measuring runtime models (EdgeModel, CloudModel): batched logits, accuracy, call timings and percentiles."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,7 +31,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def share(mask: np.ndarray, digits: int | None = 4) -> float:
+    """Fraction of true rows in `mask`, rounded to `digits` (None: not rounded); 0.0 for no rows."""
+    value = float(np.mean(mask)) if len(mask) else 0.0
+    return value if digits is None else round(value, digits)
+
+
+def accuracy(predicted: np.ndarray, gold: np.ndarray, digits: int | None = 4) -> float:
+    """Fraction of rows whose prediction is `gold`; `predicted` is logits [n, K] (argmax taken) or labels [n]."""
+    labels = predicted.argmax(axis=1) if predicted.ndim == 2 else predicted
+    return share(labels == gold, digits)
 
 
 def batched_logits(model: LogitsModel, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -65,3 +78,34 @@ def batch1_latency_ms(model: LogitsModel, texts: Sequence[str], samples: int) ->
     """Batch-1 latency percentiles of `model.logits`, text preprocessing included, for reports and manifests."""
     timing = time_calls(model.logits, texts, 1, samples)
     return {"p50": round(timing.p50_ms, 4), "p99": round(timing.p99_ms, 4), "samples": samples}
+
+
+@dataclass(frozen=True)
+class VariantMeasurement:
+    """One exported form of a model measured on labelled rows through its runtime."""
+
+    validation_accuracy: float
+    bytes: int
+    batch1_latency_ms: dict[str, float]
+    logits: np.ndarray
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form for the manifest (without the logits)."""
+        return {
+            "validation_accuracy": self.validation_accuracy,
+            "bytes": self.bytes,
+            "batch1_latency_ms": self.batch1_latency_ms,
+        }
+
+
+def measure_variant(
+    model: LogitsModel, path: Path, texts: Sequence[str], y: np.ndarray, samples: int
+) -> VariantMeasurement:
+    """Accuracy, file size and batch-1 latency of `model` (loaded from `path`) on `texts` labelled `y`."""
+    logits = batched_logits(model, texts)
+    return VariantMeasurement(
+        validation_accuracy=accuracy(logits, y),
+        bytes=path.stat().st_size,
+        batch1_latency_ms=batch1_latency_ms(model, texts, samples),
+        logits=logits,
+    )

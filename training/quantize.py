@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-logger = logging.getLogger(__name__)
 
-
-class _IdsReader(CalibrationDataReader):
+class _IdsReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
     """Feeds calibration batches of featurized ids to the static quantizer."""
 
     def __init__(self, ids: np.ndarray, batch_size: int = 64) -> None:

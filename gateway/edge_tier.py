@@ -1,36 +1,15 @@
-"""The tier interface and the in-process edge tier; tiers share this contract so the chain can hold any of them."""
+"""The edge tier: the INT8 edge model run in-process; the one gateway module that touches the edge runtime."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
 
 from edge_runtime.model import EdgeModel
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One row's answer from one tier."""
-
-    label: str
-    confidence: float
-
-
-class Tier(Protocol):
-    """Something that classifies texts: the in-process edge model or a remote cloud server."""
-
-    name: str
-
-    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
-        """Classify `texts`; `deadline` is an absolute `loop.time()` or None for no limit."""
-        ...
-
-    def ready(self) -> bool: ...
-
-    async def close(self) -> None: ...
+from gateway.tier import Prediction
+from tiergate.manifest import Manifest
 
 
 class EdgeTier:
@@ -41,6 +20,11 @@ class EdgeTier:
         self._model = model
         # One worker: the ONNX session is used by one thread at a time, and requests queue in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge")
+
+    @classmethod
+    def load(cls, models_dir: Path, manifest: Manifest, *, backend: str, name: str = "edge") -> EdgeTier:
+        """The edge tier serving the INT8 edge model of `models_dir` on `backend`."""
+        return cls(EdgeModel.load(models_dir, manifest, backend=backend), name=name)
 
     @property
     def model(self) -> EdgeModel:

@@ -1,4 +1,4 @@
-"""The cloud tier as seen from the gateway: seals a batch, calls the cloud server under the time left, opens the answer."""
+"""The cloud tier as seen from the gateway: seals a batch, calls the cloud server in the time left, opens the answer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from gateway.tiers import Prediction
+from gateway.tier import Prediction
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.envelope import Sealer
 from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError

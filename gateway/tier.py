@@ -1,0 +1,29 @@
+"""The tier contract: what every tier of the chain answers, whether it runs in-process or across the network."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row's answer from one tier."""
+
+    label: str
+    confidence: float
+
+
+class Tier(Protocol):
+    """Something that classifies texts: the in-process edge model or a remote cloud server."""
+
+    name: str
+
+    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+        """Classify `texts`; `deadline` is an absolute `loop.time()` or None for no limit."""
+        ...
+
+    def ready(self) -> bool: ...
+
+    async def close(self) -> None: ...
