@@ -10,10 +10,9 @@ from pathlib import Path
 
 import onnxruntime
 
-from app.demo import LocalStack, ensure_models, send_traffic
+from app.demo import LocalStack, ensure_keyring, ensure_models, send_traffic
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
-from tiergate.envelope import Keyring
 from tiergate.manifest import load_manifest
 from training.measure import Timing, percentile, time_calls
 
@@ -71,7 +70,7 @@ def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, reque
         f"edge fp32/int8 size {fp32[1] / int8[1]:.2f}x; cloud/edge-int8 size {cloud_row[1] / int8[1]:.1f}x"
     )
 
-    Keyring.load_or_create(keyring_path)
+    ensure_keyring(keyring_path)
     examples = [(text, "") for text in itertools.islice(itertools.cycle(texts), requests)]
     with LocalStack(models_dir, keyring_path) as stack:
         report = asyncio.run(send_traffic(stack.gateway_target, examples, concurrency=1))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from tiergate.logs import LOG_FORMAT_ENV, LOG_FORMATS, LOG_LEVEL_ENV, configure_logging
 from tiergate.settings import (
     DEFAULT_KEYRING,
     DEFAULT_MODELS_DIR,
@@ -19,9 +21,15 @@ from tiergate.settings import (
     load_settings,
 )
 
+# Commands whose own output tells the story: below WARNING, library and training logs would drown it.
+_QUIET_COMMANDS = frozenset({"demo", "bench"})
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def resolve_log_level(args: argparse.Namespace) -> str:
+    """The flag, else TIERGATE_LOG_LEVEL, else WARNING for the demo and bench and INFO for the rest."""
+    if args.log_level is not None:
+        return str(args.log_level)
+    return os.environ.get(LOG_LEVEL_ENV) or ("warning" if args.command in _QUIET_COMMANDS else "info")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -127,6 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
         keyring_path=args.keyring,
         requests=args.requests,
         concurrency=args.concurrency,
+        log_format=args.log_format,
     )
     return run_demo(options)
 
@@ -139,7 +148,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiergate", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("TIERGATE_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        help=f"default from {LOG_LEVEL_ENV}, else warning for demo and bench (their own lines tell the story), "
+        "else info",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get(LOG_FORMAT_ENV) or "plain",
+        help=f"plain lines, or one JSON object per line (default from {LOG_FORMAT_ENV}, else plain)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     models = commands.add_parser("models", help="build model sets").add_subparsers(dest="action", required=True)
@@ -212,10 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        configure_logging(resolve_log_level(args), args.log_format)
+    except ValueError as error:  # an unknown level, or a format from the environment argparse did not check
+        parser.error(str(error))
+    try:
+        if args.command == "serve":  # servers draw no progress bars: their records go straight to the handler
+            return int(args.handler(args))
+        # The other commands may train: log lines are then written above the progress bars, not through them.
+        with logging_redirect_tqdm():
+            return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
 

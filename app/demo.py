@@ -31,19 +31,27 @@ from tiergate.constants import (
     TIER_OUTPUT,
 )
 from tiergate.envelope import Keyring
-from tiergate.manifest import MANIFEST_NAME, load_manifest
+from tiergate.manifest import MANIFEST_NAME, Manifest, load_manifest
 from training.measure import percentile
 
 
 class ServerProcess:
     """A `tiergate serve ...` child process bound to a free loopback port."""
 
-    def __init__(self, args: Sequence[str], *, startup_timeout_s: float = 120.0, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        startup_timeout_s: float = 120.0,
+        log_path: Path | None = None,
+        cli_options: Sequence[str] = (),
+    ) -> None:
         self._workdir = tempfile.TemporaryDirectory(prefix="tiergate-")
         port_file = Path(self._workdir.name) / "port"
         self.log_path = log_path or Path(self._workdir.name) / "server.log"
         self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "app.cli", "serve", *args, "--port", "0", "--port-file", str(port_file)]
+        command = [sys.executable, "-m", "app.cli", *cli_options, "serve", *args]
+        command += ["--port", "0", "--port-file", str(port_file)]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + startup_timeout_s
         while not port_file.exists():
@@ -92,10 +100,14 @@ def wait_serving(target: str, timeout_s: float = 30.0) -> None:
 
 
 class LocalStack:
-    """Cloud and gateway processes on loopback, wired together; exit codes are set once stopped."""
+    """Cloud and gateway processes on loopback, wired together; exit codes are set once stopped.
 
-    def __init__(self, models_dir: Path, keyring_path: Path) -> None:
+    `cli_options` go before the subcommand of each server's command line (e.g. ``--log-format json``).
+    """
+
+    def __init__(self, models_dir: Path, keyring_path: Path, cli_options: Sequence[str] = ()) -> None:
         self._common = ["--models", str(models_dir), "--keyring", str(keyring_path)]
+        self._cli_options = list(cli_options)
         self.cloud_target = ""
         self.gateway_target = ""
         self.exit_codes: dict[str, int] = {}
@@ -103,8 +115,10 @@ class LocalStack:
 
     def __enter__(self) -> LocalStack:
         try:
-            cloud = self._processes["cloud"] = ServerProcess(["cloud", *self._common])
-            gateway = self._processes["gateway"] = ServerProcess(["gateway", *self._common, "--cloud", cloud.target])
+            cloud = self._processes["cloud"] = ServerProcess(["cloud", *self._common], cli_options=self._cli_options)
+            gateway = self._processes["gateway"] = ServerProcess(
+                ["gateway", *self._common, "--cloud", cloud.target], cli_options=self._cli_options
+            )
             wait_serving(cloud.target)
             wait_serving(gateway.target)
         except BaseException:
@@ -130,6 +144,7 @@ class DemoOptions:
     keyring_path: Path
     requests: int = 3000
     concurrency: int = 8
+    log_format: str = "plain"  # the servers' log files
 
 
 @dataclass
@@ -238,25 +253,57 @@ def format_summary(report: TrafficReport) -> str:
     return "\n".join(lines)
 
 
+def _test_metrics_line(manifest: Manifest) -> str | None:
+    """The build's held-out test numbers, the yardstick for the demo's own accuracy column."""
+    test = manifest.metrics.get("test")
+    if not isinstance(test, dict) or "cascade_accuracy" not in test:
+        return None
+    accuracies = ", ".join(
+        f"{name} {test[key]:.3f}"
+        for name, key in (
+            ("edge int8", "edge_int8_accuracy"),
+            ("cloud", "cloud_accuracy"),
+            ("cascade", "cascade_accuracy"),
+        )
+    )
+    routing = manifest.routing
+    return (
+        f"models: held-out test accuracy {accuracies}, escalating {test['escalation_rate']:.1%} "
+        f"(threshold {routing.threshold:.3f} on {routing.signal})"
+    )
+
+
+def ensure_keyring(path: Path) -> None:
+    """Create the sealing keyring both tiers read if there is none yet, or check that the one there reads."""
+    if path.exists():
+        Keyring.load(path)
+        return
+    Keyring.generate().save(path)
+    print(f"keys: created {path} (both servers read it)")
+
+
 def run_demo(options: DemoOptions) -> int:
-    from training.data import heldout_examples
+    from training.data import DEMO_SOURCE, heldout_examples
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"data: {DEMO_SOURCE} (generated)" if options.data_dir is None else f"data: {options.data_dir}")
     ensure_models(options.models_dir, options.data_dir)
     manifest = load_manifest(options.models_dir, verify=False)
-    Keyring.load_or_create(options.keyring_path)
+    if (line := _test_metrics_line(manifest)) is not None:
+        print(line)
+    ensure_keyring(options.keyring_path)
     heldout = heldout_examples(options.models_dir, options.data_dir)
     if not heldout:
         print("traffic: the held-out split is empty", file=sys.stderr)
         return 1
     # Replay the held-out rows in order, cycling when there are fewer rows than requests.
     examples = list(itertools.islice(itertools.cycle(heldout), options.requests))
-    print(
-        f"traffic: {len(examples)} requests over {len(heldout)} held-out rows of "
-        f"{manifest.data.get('source')}, task {manifest.task}"
-    )
-    with LocalStack(options.models_dir, options.keyring_path) as stack:
+    with LocalStack(options.models_dir, options.keyring_path, ["--log-format", options.log_format]) as stack:
         print(f"servers: cloud on {stack.cloud_target}, gateway on {stack.gateway_target}")
+        print(
+            f"traffic: {len(examples)} requests over {len(heldout)} held-out rows of "
+            f"{manifest.data.get('source')}, task {manifest.task}, {options.concurrency} callers"
+        )
         report = asyncio.run(send_traffic(stack.gateway_target, examples, options.concurrency))
     print(format_summary(report))
     print(f"servers stopped (gateway exit {stack.exit_codes['gateway']}, cloud exit {stack.exit_codes['cloud']})")

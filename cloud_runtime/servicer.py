@@ -4,25 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 
 import grpc
+from opentelemetry import trace
 
+from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.model import CloudModel
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
+from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
-from tiergate.errors import InvalidInputError, ModelNotFoundError, RequestTooLargeError
+from tiergate.errors import InvalidInputError, ModelNotFoundError, RequestTooLargeError, SealError
+from tiergate.logs import REQUEST_ID
 from tiergate.settings import LimitSettings
+from tiergate.telemetry import annotate_server_span, timed_span
 
 
 class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
     """Thin adapter over `CloudModel`; inference runs off the event loop."""
 
     def __init__(
-        self, model: CloudModel, sealer: Sealer, *, model_name: str, model_version: str, limits: LimitSettings
+        self,
+        model: CloudModel,
+        sealer: Sealer,
+        *,
+        model_name: str,
+        model_version: str,
+        limits: LimitSettings,
+        tracer: trace.Tracer | None = None,
+        metrics: CloudMetrics | None = None,
     ) -> None:
         self._model = model
         self._sealer = sealer
         self._model_name = model_name
+        self._tracer = tracer or trace.NoOpTracer()
+        self._metrics = metrics or CloudMetrics()
+        # (host, port) the server is bound to, for the server span's attributes.
+        self.bound: tuple[str, int] = ("", 0)
         self._model_version = model_version
         self._limits = limits
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
@@ -53,11 +71,30 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
     async def Infer(
         self, request: cloud_pb2.Envelope, context: grpc.aio.ServicerContext[cloud_pb2.Envelope, cloud_pb2.Envelope]
     ) -> cloud_pb2.Envelope:
-        plain = self._sealer.open(request, cloud_pb2.CloudInferRequest, direction="request")
+        started = time.perf_counter()
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = str(metadata.get(REQUEST_ID_METADATA, "-"))[:128]
+        REQUEST_ID.set(request_id)
+        annotate_server_span(context, *self.bound).set_attribute("tiergate.request_id", request_id)
+        try:
+            with timed_span(self._tracer, "tiergate.open", {"tiergate.envelope.bytes": request.ByteSize()}):
+                plain = self._sealer.open(request, cloud_pb2.CloudInferRequest, direction="request")
+        except SealError as error:
+            self._metrics.envelope_rejections.labels(cause=error.cause).inc()
+            raise
         texts = self._check(plain)
         loop = asyncio.get_running_loop()
-        response = await loop.run_in_executor(self._executor, self._predict, texts)
-        return self._sealer.seal(response, request_id=request.request_id, direction="response")
+        self._metrics.batch_rows.labels(model=self._model_name).observe(len(texts))
+        with self._tracer.start_as_current_span(
+            "tiergate.cloud.infer", attributes={"tiergate.tier": "cloud", "tiergate.rows": len(texts)}
+        ):
+            response = await loop.run_in_executor(self._executor, self._predict, texts)
+        with timed_span(self._tracer, "tiergate.seal") as span:
+            sealed = self._sealer.seal(response, request_id=request.request_id, direction="response")
+            span.set_attribute("tiergate.envelope.bytes", sealed.ByteSize())
+        self._metrics.rows.labels(model=self._model_name).inc(len(texts))
+        self._metrics.request_seconds.labels(model=self._model_name).observe(time.perf_counter() - started)
+        return sealed
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -6,9 +6,15 @@ Each row starts at the first tier (or the last, if heavy) and climbs while unsur
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
+from gateway.cost import CostModel
+from gateway.metrics import GatewayMetrics
 from gateway.routing import Hint, Reason, RoutingPolicy
 from gateway.tier import Prediction, Tier
 from tiergate.errors import TierDeadlineError, TierUnavailableError
@@ -31,6 +37,16 @@ class CascadeResult:
     rows: list[RowAnswer]
     # True when a later tier failed and earlier answers were returned in its place.
     degraded: bool = False
+    # Rows each tier ran, by tier name: an escalated row counts at every tier it passed.
+    processed: dict[str, int] = field(default_factory=dict)
+
+    def rows_by_tier(self) -> dict[str, int]:
+        """Rows answered, by the tier that answered them."""
+        return dict(Counter(row.tier for row in self.rows))
+
+    def reason_counts(self) -> dict[str, int]:
+        """Escalated rows by reason (a row escalated for two reasons counts under each)."""
+        return dict(Counter(reason.value for row in self.rows for reason in row.reasons))
 
 
 @dataclass
@@ -45,11 +61,12 @@ class _Row:
 class Cascade:
     """Routes a batch through an ordered chain of tiers under one routing policy."""
 
-    def __init__(self, tiers: Sequence[Tier], policy: RoutingPolicy) -> None:
+    def __init__(self, tiers: Sequence[Tier], policy: RoutingPolicy, tracer: trace.Tracer | None = None) -> None:
         if not tiers:
             raise ValueError("the tier chain is empty")
         self.tiers = list(tiers)
         self.policy = policy
+        self._tracer = tracer or trace.NoOpTracer()
 
     def ready(self) -> bool:
         # The first tier must be up; later tiers may be down (answers degrade to earlier tiers).
@@ -61,18 +78,12 @@ class Cascade:
         for text, heavy in zip(texts, self.policy.heavy_reasons(texts, hint), strict=True):
             rows.append(_Row(text=text, start=last if heavy else 0, reasons=list(heavy)))
         degraded = False
+        processed: Counter[str] = Counter()
         for level, tier in enumerate(self.tiers):
-            pending = [
-                row
-                for row in rows
-                if row.start <= level and (row.answer is None or (level > 0 and self._climbs(row, hint)))
-            ]
-            if level > 0:
-                for row in pending:
-                    if row.answer is not None and Reason.LOW_CONFIDENCE not in row.reasons:
-                        row.reasons.append(Reason.LOW_CONFIDENCE)
+            pending = self._route(rows, level, hint) if level > 0 else [row for row in rows if row.start == 0]
             if not pending:
                 continue
+            processed[tier.name] += len(pending)
             try:
                 answers = await tier.predict([row.text for row in pending], deadline)
             except (TierUnavailableError, TierDeadlineError) as error:
@@ -82,19 +93,42 @@ class Cascade:
                     "tier %s failed (%s); answering %d rows from earlier tiers", tier.name, error, len(pending)
                 )
                 degraded = True
-                await self._fall_back(pending, level, deadline)
+                processed[self.tiers[0].name] += await self._fall_back(pending, level, deadline)
                 break
             for row, answer in zip(pending, answers, strict=True):
                 row.answer, row.tier = answer, tier.name
         return CascadeResult(
             rows=[RowAnswer(r.answer.label, r.answer.confidence, r.tier, tuple(r.reasons)) for r in rows if r.answer],
             degraded=degraded,
+            processed=dict(processed),
         )
+
+    def _route(self, rows: list[_Row], level: int, hint: Hint) -> list[_Row]:
+        """The rows tier `level` must answer: unsure answers climbing to it, and heavy rows starting there."""
+        with self._tracer.start_as_current_span("tiergate.route") as span:
+            pending = [row for row in rows if row.start <= level and (row.answer is None or self._climbs(row, hint))]
+            for row in pending:
+                if row.answer is not None and Reason.LOW_CONFIDENCE not in row.reasons:
+                    row.reasons.append(Reason.LOW_CONFIDENCE)
+            if span.is_recording():
+                reasons = Counter(reason.value for row in pending for reason in row.reasons)
+                span.set_attributes(
+                    {
+                        "tiergate.routing.signal": self.policy.signal,
+                        "tiergate.routing.threshold": self.policy.threshold,
+                        "tiergate.routing.from_tier": self.tiers[level - 1].name,
+                        "tiergate.routing.to_tier": self.tiers[level].name,
+                        "tiergate.routing.rows": len(rows),
+                        "tiergate.routing.escalated_rows": len(pending),
+                        "tiergate.routing.reasons": ",".join(f"{r}={n}" for r, n in sorted(reasons.items())),
+                    }
+                )
+        return pending
 
     def _climbs(self, row: _Row, hint: Hint) -> bool:
         return row.answer is not None and self.policy.escalates(row.answer.confidence, hint)
 
-    async def _fall_back(self, rows: list[_Row], failed_level: int, deadline: float | None) -> None:
+    async def _fall_back(self, rows: list[_Row], failed_level: int, deadline: float | None) -> int:
         # Rows that already hold an earlier tier's answer keep it; heavy rows that skipped the
         # earlier tiers are answered by the first tier, so no row of the batch is lost.
         for row in rows:
@@ -105,18 +139,72 @@ class Cascade:
             answers = await first.predict([row.text for row in missing], deadline)
             for row, answer in zip(missing, answers, strict=True):
                 row.answer, row.tier = answer, first.name
+        return len(missing) if failed_level > 0 else 0
 
 
 class TieredModel:
-    """A named, versioned model served by a cascade of tiers."""
+    """A named, versioned model served by a cascade of tiers; accounts each answer in metrics, cost and trace."""
 
-    def __init__(self, name: str, version: str, cascade: Cascade) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        cascade: Cascade,
+        *,
+        metrics: GatewayMetrics | None = None,
+        cost: CostModel | None = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.cascade = cascade
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        last = cascade.tiers[-1].name
+        self.cost = cost if cost is not None else CostModel({last: 0.0}, reference_tier=last, currency="USD")
+        self._order = {tier.name: level for level, tier in enumerate(cascade.tiers)}
+        self.metrics.describe_model(
+            name,
+            version=version,
+            signal=cascade.policy.signal,
+            threshold=cascade.policy.threshold,
+            chain=[tier.name for tier in cascade.tiers],
+        )
 
     def ready(self) -> bool:
         return self.cascade.ready()
 
     async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
-        return await self.cascade.infer(texts, hint, deadline)
+        started = time.perf_counter()
+        with self.metrics.inflight.labels(model=self.name).track_inprogress():
+            result = await self.cascade.infer(texts, hint, deadline)
+        seconds = time.perf_counter() - started
+        tiers = result.rows_by_tier()
+        reasons = result.reason_counts()
+        cost = self.cost.price(result.processed, len(result.rows))
+        top_tier = max(tiers, key=lambda tier: self._order.get(tier, -1)) if tiers else ""
+        self.metrics.answered(
+            self.name,
+            seconds=seconds,
+            tiers=tiers,
+            reasons=reasons,
+            degraded=result.degraded,
+            cost=cost,
+            currency=self.cost.currency,
+            top_tier=top_tier,
+        )
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "tiergate.model": self.name,
+                    "tiergate.model_version": self.version,
+                    "tiergate.rows": len(result.rows),
+                    "tiergate.degraded": result.degraded,
+                    "tiergate.cost.spent": cost.spent,
+                    "tiergate.cost.cloud_only": cost.cloud_only,
+                    "tiergate.cost.saved": cost.saved,
+                    "tiergate.cost.currency": self.cost.currency,
+                    **{f"tiergate.{tier}_rows": count for tier, count in tiers.items()},
+                    **{f"tiergate.escalations.{reason}": count for reason, count in reasons.items()},
+                }
+            )
+        return result

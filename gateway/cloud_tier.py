@@ -8,11 +8,16 @@ import uuid
 from collections.abc import Sequence
 
 import grpc
+from opentelemetry import trace
 
+from gateway.metrics import GatewayMetrics
 from gateway.tier import Prediction
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
+from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError
+from tiergate.logs import REQUEST_ID
+from tiergate.telemetry import timed_span
 
 # Retries are the channel's job, declared here rather than hand-rolled. Only UNAVAILABLE is
 # retried: the call then never reached the servicer, so no sealed request is processed twice.
@@ -48,11 +53,16 @@ class CloudTier:
         timeout_s: float,
         max_message_bytes: int,
         name: str = "cloud",
+        tracer: trace.Tracer | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.name = name
         self._sealer = sealer
         self._model_name = model_name
         self._timeout_s = timeout_s
+        self._tracer = tracer or trace.NoOpTracer()
+        self._metrics = metrics or GatewayMetrics()
         self._channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -61,6 +71,7 @@ class CloudTier:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
+            interceptors=list(interceptors) or None,
         )
         self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
 
@@ -74,23 +85,30 @@ class CloudTier:
 
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
         timeout = self._timeout(deadline)
-        request_id = uuid.uuid4().hex
-        envelope = self._sealer.seal(
-            cloud_pb2.CloudInferRequest(model_name=self._model_name, texts=list(texts)),
-            request_id=request_id,
-            direction="request",
-        )
+        hop_id = uuid.uuid4().hex
+        plain = cloud_pb2.CloudInferRequest(model_name=self._model_name, texts=list(texts))
+        with timed_span(self._tracer, "tiergate.seal", {"tiergate.tier": self.name}) as span:
+            envelope = self._sealer.seal(plain, request_id=hop_id, direction="request")
+            span.set_attributes(
+                {"tiergate.envelope.bytes": envelope.ByteSize(), "tiergate.envelope.key_id": envelope.key_id}
+            )
         try:
-            reply = await self._stub.Infer(envelope, timeout=timeout)
+            reply = await self._stub.Infer(
+                envelope, timeout=timeout, metadata=((REQUEST_ID_METADATA, REQUEST_ID.get()),)
+            )
         except grpc.aio.AioRpcError as error:
+            self._metrics.hop_errors.labels(tier=self.name, code=error.code().name).inc()
             if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TierDeadlineError(f"cloud tier did not answer within {timeout:.3f}s") from None
             raise TierUnavailableError(f"cloud tier failed with {error.code().name}") from None
         try:
-            if reply.request_id != request_id:
-                raise SealError("cloud response carries another request id")
-            response = self._sealer.open(reply, cloud_pb2.CloudInferResponse, direction="response")
+            with timed_span(self._tracer, "tiergate.open", {"tiergate.tier": self.name}) as span:
+                span.set_attribute("tiergate.envelope.bytes", reply.ByteSize())
+                if reply.request_id != hop_id:
+                    raise SealError("cloud response carries another request id", cause="wrong_request_id")
+                response = self._sealer.open(reply, cloud_pb2.CloudInferResponse, direction="response")
         except SealError as error:
+            self._metrics.envelope_rejections.labels(tier=self.name, cause=error.cause).inc()
             raise TierUnavailableError(f"cloud response rejected: {error}") from None
         if len(response.predictions) != len(texts):
             raise TierUnavailableError("cloud response has the wrong number of rows")

@@ -7,7 +7,11 @@ import concurrent.futures
 from collections.abc import Sequence
 from pathlib import Path
 
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
+
 from edge_runtime.model import EdgeModel
+from gateway.metrics import GatewayMetrics
 from gateway.tier import Prediction
 from tiergate.manifest import Manifest
 
@@ -15,16 +19,34 @@ from tiergate.manifest import Manifest
 class EdgeTier:
     """Runs the INT8 edge model on a dedicated thread so the event loop never blocks on inference."""
 
-    def __init__(self, model: EdgeModel, name: str = "edge") -> None:
+    def __init__(
+        self,
+        model: EdgeModel,
+        name: str = "edge",
+        *,
+        tracer: trace.Tracer | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self.name = name
         self._model = model
+        self._tracer = tracer or trace.NoOpTracer()
+        self._batch_rows = (metrics or GatewayMetrics()).edge_batch_rows.labels(tier=name)
         # One worker: the ONNX session is used by one thread at a time, and requests queue in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge")
 
     @classmethod
-    def load(cls, models_dir: Path, manifest: Manifest, *, backend: str, name: str = "edge") -> EdgeTier:
+    def load(
+        cls,
+        models_dir: Path,
+        manifest: Manifest,
+        *,
+        backend: str,
+        name: str = "edge",
+        tracer: trace.Tracer | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> EdgeTier:
         """The edge tier serving the INT8 edge model of `models_dir` on `backend`."""
-        return cls(EdgeModel.load(models_dir, manifest, backend=backend), name=name)
+        return cls(EdgeModel.load(models_dir, manifest, backend=backend), name=name, tracer=tracer, metrics=metrics)
 
     @property
     def model(self) -> EdgeModel:
@@ -40,7 +62,15 @@ class EdgeTier:
 
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._predict_sync, list(texts))
+        self._batch_rows.observe(len(texts))
+        attributes: dict[str, AttributeValue] = {
+            "tiergate.tier": self.name,
+            "tiergate.edge.backend": self._model.backend.name,
+            "tiergate.rows": len(texts),
+            "tiergate.batch_size": len(texts),
+        }
+        with self._tracer.start_as_current_span("tiergate.edge.infer", attributes=attributes):
+            return await loop.run_in_executor(self._executor, self._predict_sync, list(texts))
 
     def ready(self) -> bool:
         return True

@@ -45,6 +45,8 @@ class RoutingPolicy:
     max_edge_tokens: int
     max_edge_batch: int
     allow_client_hint: bool = True
+    # The confidence signal the threshold applies to (from the manifest); reported, not computed here.
+    signal: str = "max_prob"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:

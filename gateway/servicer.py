@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import uuid
+from typing import Any
 
 import grpc
 
@@ -11,13 +14,26 @@ from gateway.codec import decode_request, encode_metadata, encode_response
 from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate import __version__
+from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.errors import ModelNotFoundError, NotReadyError
+from tiergate.logs import REQUEST_ID
 from tiergate.settings import LimitSettings
+from tiergate.telemetry import annotate_server_span
 
 SERVER_NAME = "tiergate"
 
 # The servicer context of each RPC, typed by its request and response messages.
 _Context = grpc.aio.ServicerContext
+# A caller's request id is kept when it is short and plain; anything else gets a fresh one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's `x-request-id`, if it is well formed, else a new random id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -27,6 +43,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._models = {model.name: model for model in models}
         self._limits = limits
         self.draining = False
+        # (host, port) the server is bound to, for the server span's attributes.
+        self.bound: tuple[str, int] = ("", 0)
 
     def _model(self, name: str, version: str) -> TieredModel:
         model = self._models.get(name)
@@ -67,6 +85,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: _Context[pb.ModelInferRequest, pb.ModelInferResponse]
     ) -> pb.ModelInferResponse:
+        request_id = request_id_of(context)
+        REQUEST_ID.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+        annotate_server_span(context, *self.bound).set_attribute("tiergate.request_id", request_id)
         model = self._model(request.model_name, request.model_version)
         if self.draining:
             raise NotReadyError("the gateway is shutting down; retry on another instance")

@@ -17,7 +17,8 @@ from gateway.server import GatewayServer
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate.constants import MODEL_NAME
 from tiergate.envelope import Keyring
-from tiergate.settings import CloudSettings, GatewaySettings
+from tiergate.settings import CloudSettings, GatewaySettings, TracingSettings
+from tiergate.telemetry import Tracing, resolve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,11 @@ class Stack:
             await self.cloud.stop(0)
 
 
+def _untraced() -> Tracing:
+    # Independent of any OTEL_* variables in the environment the tests run in.
+    return Tracing(resolve(TracingSettings(enabled=False), "tiergate-test", env={}))
+
+
 class StackFactory:
     """Starts stacks on the given models with per-test options; `stop_all` stops them, newest first."""
 
@@ -84,27 +90,40 @@ class StackFactory:
         max_edge_tokens: int = 24,
         max_edge_batch: int = 16,
         max_batch_rows: int = 64,
+        gateway_tracing: Tracing | None = None,
+        cloud_tracing: Tracing | None = None,
+        cloud_keyring: Keyring | None = None,
+        cloud_timeout_s: float = 5.0,
     ) -> Stack:
-        """A cloud server (unless `with_cloud` is False) and a gateway on it, or on `cloud_target` if given."""
+        """A cloud server (unless `with_cloud` is False) and a gateway on it, or on `cloud_target` if given.
+
+        Both serve metrics on a free port; tracing is off unless a `Tracing` is handed in.
+        """
         keyring = Keyring.load(self.keyring_path)
         cloud = None
         if with_cloud:
             cloud_settings = CloudSettings(
                 port=0, models_dir=self.models, keyring_path=self.keyring_path, model_name=model_name
             )
-            cloud = CloudServer(cloud_settings, keyring)
+            cloud_settings.metrics.port = 0
+            cloud = CloudServer(cloud_settings, cloud_keyring or keyring, tracing=cloud_tracing or _untraced())
             cloud_port = await cloud.start()
             cloud_target = cloud_target or f"127.0.0.1:{cloud_port}"
         settings = GatewaySettings(
-            port=0, models_dir=self.models, keyring_path=self.keyring_path, model_name=model_name, cloud_timeout_s=5.0
+            port=0,
+            models_dir=self.models,
+            keyring_path=self.keyring_path,
+            model_name=model_name,
+            cloud_timeout_s=cloud_timeout_s,
         )
+        settings.metrics.port = 0
         settings.cloud_target = cloud_target or "127.0.0.1:1"
         settings.routing.threshold = threshold
         settings.routing.max_edge_tokens = max_edge_tokens
         settings.routing.max_edge_batch = max_edge_batch
         settings.limits.max_batch_rows = max_batch_rows
         try:
-            gateway = GatewayServer(settings, keyring)
+            gateway = GatewayServer(settings, keyring, tracing=gateway_tracing or _untraced())
             port = await gateway.start()
         except BaseException:
             if cloud is not None:

@@ -11,16 +11,24 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+# What leaked library output looks like: warnings (TracerWarning, "WARNING root: ...") and tqdm bars.
+NOISE = ("Warning", "WARNING", "it/s]", "s/it]", "%|")
+
+
 def run_cli(*args: str) -> str:
-    """Run `tiergate ARGS` in a fresh process; return its stdout, failing with its output on a non-zero exit."""
+    """Run `tiergate ARGS` in a fresh process at its default log level; return its stdout, failing with its
+    output on a non-zero exit or when either stream holds library noise."""
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "--log-level", "warning", *args],
+        [sys.executable, "-m", "app.cli", *args],
         capture_output=True,
         text=True,
         check=False,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    for stream in (done.stdout, done.stderr):
+        noisy = [line for line in stream.split("\n") if any(marker in line for marker in NOISE)]
+        assert noisy == [], "\n".join(noisy)
     return done.stdout
 
 
@@ -32,6 +40,10 @@ def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None
     assert "errors: none" in out
     assert "answered at edge" in out and "escalations" in out
     assert "servers stopped (gateway exit 0, cloud exit 0)" in out
+    # The story is told in order: data, models, servers, traffic, summary.
+    prefixes = [line.split(":")[0] for line in out.splitlines() if line and not line.startswith((" ", "="))]
+    story = [p for p in dict.fromkeys(prefixes) if p in {"data", "models", "servers", "traffic"}]
+    assert story == ["data", "models", "servers", "traffic"]
     sent = next(line for line in out.splitlines() if line.startswith("requests sent")).split()
     total, answered = int(sent[2]), int(sent[3].lstrip("("))
     assert total == 150 and answered == total

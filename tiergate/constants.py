@@ -21,3 +21,7 @@ HINT_PARAMETER: Final = "tier"
 REASONS_PARAMETER: Final = "escalation_reasons"
 DEGRADED_PARAMETER: Final = "degraded"
 ROWS_PARAMETER_SUFFIX: Final = "_rows"  # "<tier>_rows": how many rows that tier answered
+
+# gRPC metadata key of the gateway's request id: read from callers, echoed back, sent on the cloud hop,
+# so one id joins logs, traces and the audit log.
+REQUEST_ID_METADATA: Final = "x-request-id"

@@ -131,13 +131,15 @@ class Sealer:
             raise SealError(f"unsupported envelope version {envelope.version}; expected {ENVELOPE_VERSION}")
         cipher = self._ciphers.get(envelope.key_id)
         if cipher is None:
-            raise SealError(f"envelope sealed with unknown key id {envelope.key_id!r}")
+            raise SealError(f"envelope sealed with unknown key id {envelope.key_id!r}", cause="unknown_key_id")
         if len(envelope.nonce) != NONCE_BYTES:
             raise SealError("envelope nonce has the wrong length")
         try:
             plaintext = cipher.decrypt(envelope.nonce, envelope.ciphertext, _associated_data(envelope, direction))
         except InvalidTag:
-            raise SealError("envelope failed authentication (tampered, or sealed with another key)") from None
+            raise SealError(
+                "envelope failed authentication (tampered, or sealed with another key)", cause="tampered"
+            ) from None
         message = message_type()
         try:
             message.ParseFromString(plaintext)

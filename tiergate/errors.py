@@ -40,4 +40,12 @@ class TierDeadlineError(TiergateError):
 
 
 class SealError(TiergateError):
-    """An envelope could not be opened: unknown key, tampering or bad format."""
+    """An envelope could not be opened: unknown key, tampering or bad format.
+
+    `cause` is a short, bounded name for metrics and audit (`malformed`, `unknown_key_id`,
+    `tampered`, `wrong_request_id`); the message is the caller-facing sentence.
+    """
+
+    def __init__(self, message: str, cause: str = "malformed") -> None:
+        super().__init__(message)
+        self.cause = cause

@@ -40,7 +40,13 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions raised by unary handlers into statuses from STATUS_TABLE."""
+    """Turns exceptions raised by unary handlers into statuses from STATUS_TABLE.
+
+    `on_error(method, code_name)` is told of each one (the servers count them in their metrics).
+    """
+
+    def __init__(self, on_error: Callable[[str, str], None] | None = None) -> None:
+        self._on_error = on_error
 
     async def intercept_service(
         self,
@@ -63,6 +69,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception as error:
                 code, message = status_for(error)
+                if self._on_error is not None:
+                    self._on_error(method.rpartition("/")[2], code.name)
                 if code is grpc.StatusCode.INTERNAL:
                     logger.exception("unexpected error in %s", method)
                 else:
@@ -93,9 +101,12 @@ class ManagedServer:
         *,
         max_message_bytes: int,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        on_error: Callable[[str, str], None] | None = None,
     ) -> None:
+        # `interceptors` run outside the error interceptor, so a tracing interceptor sees the status
+        # each exception was mapped to.
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), *interceptors], options=server_options(max_message_bytes)
+            interceptors=[*interceptors, ErrorInterceptor(on_error)], options=server_options(max_message_bytes)
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -43,6 +43,55 @@ class LimitSettings:
 
 
 @dataclass
+class TracingSettings:
+    """OpenTelemetry tracing. The standard `OTEL_*` variables override each field (as the
+    `TIERGATE_*` variables override the rest of the file); with no endpoint nothing is exported."""
+
+    # False turns tracing off, as OTEL_SDK_DISABLED=true does.
+    enabled: bool = True
+    # OTLP collector, e.g. http://jaeger:4317 (OTEL_EXPORTER_OTLP_ENDPOINT).
+    endpoint: str | None = None
+    # grpc or http/protobuf (OTEL_EXPORTER_OTLP_PROTOCOL).
+    protocol: str = "grpc"
+    # Defaults to tiergate-gateway / tiergate-cloud (OTEL_SERVICE_NAME).
+    service_name: str | None = None
+    # always_on, always_off, traceidratio or their parentbased_ forms (OTEL_TRACES_SAMPLER).
+    sampler: str = "parentbased_always_on"
+    # The ratio for the traceidratio samplers (OTEL_TRACES_SAMPLER_ARG).
+    sampler_arg: float | None = None
+    # "key=value,key=value" resource attributes (OTEL_RESOURCE_ATTRIBUTES).
+    resource_attributes: str | None = None
+    # Spans wait in a bounded queue for the exporter thread; when it is full, new spans are dropped.
+    max_queue_size: int = 2048
+    max_export_batch_size: int = 512
+    schedule_delay_s: float = 1.0
+    # A collector that is down or slow costs the exporter thread at most this per batch, never a request.
+    export_timeout_s: float = 3.0
+
+
+@dataclass
+class MetricsSettings:
+    """The Prometheus endpoint, on an HTTP port of its own (`GET /metrics`)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # 0 picks a free port; the gateway's default is 8002, the cloud's 8102.
+    port: int = 8002
+
+
+@dataclass
+class CostSettings:
+    """Prices per 1,000 rows each tier processes, to account for what tiering spends and saves.
+
+    The defaults are placeholders: set your own prices. A row the edge escalates is paid twice.
+    """
+
+    edge_per_1k_rows: float = 0.002
+    cloud_per_1k_rows: float = 0.40
+    currency: str = "USD"
+
+
+@dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8001
@@ -57,6 +106,9 @@ class GatewaySettings:
     grace_s: float = 5.0
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    cost: CostSettings = field(default_factory=CostSettings)
 
 
 @dataclass
@@ -70,6 +122,8 @@ class CloudSettings:
     grace_s: float = 5.0
     intra_op_threads: int = 1
     limits: LimitSettings = field(default_factory=LimitSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(port=8102))
 
 
 @dataclass

@@ -23,7 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from tiergate.features import encode_batch, prepare_tokenizer
+from tiergate.logs import show_progress
 from training.config import CloudConfig
+from training.edge_train import quiet_onnx_export
 from training.lexical import LexicalModel
 from training.measure import accuracy
 
@@ -44,8 +46,19 @@ class MiniLMClassifier(nn.Module):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
-        self.encoder = AutoModel.from_pretrained(str(minilm_path()))
+        # transformers logs through its own stderr handler; send its records through ours instead.
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        # Its "Loading weights" bar takes a blink and would only clutter the output.
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.encoder = AutoModel.from_pretrained(str(minilm_path()))
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.config.hidden_size, n_labels)
 
@@ -223,7 +236,8 @@ def predict_cloud(
     out = np.zeros((len(texts), 0), dtype=np.float32)
     chunks = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc="cloud predict", disable=not progress, leave=False):
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="cloud predict", disable=not show_progress(progress), leave=False):
             index = order[start : start + batch_size]
             ids, mask = encode_batch(tokenizer, [texts[i] for i in index], pad_id)
             chunks.append((index, model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()))
@@ -281,7 +295,8 @@ def train_cloud(
     for epoch in range(config.epochs):
         model.train()
         batches = length_bucketed_batches(lengths, config.batch_size, rng)
-        bar = tqdm(batches, desc=f"cloud {config.kind} epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        desc = f"cloud {config.kind} epoch {epoch + 1}/{config.epochs}"
+        bar = tqdm(batches, desc=desc, disable=not show_progress(progress), leave=False)
         for index in bar:
             ids, mask = encode_batch(tokenizer, [texts[i] for i in index], pad_id)
             rows = torch.from_numpy(index)
@@ -333,14 +348,15 @@ def export_cloud_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
         input_names.append("ngram_ids")
         output_names += ["deep_logits", "lexical_logits"]
         axes.update({"ngram_ids": {0: "batch"}, "deep_logits": {0: "batch"}, "lexical_logits": {0: "batch"}})
-    torch.onnx.export(
-        model,
-        inputs,
-        str(path),
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_axes=axes,
-        opset_version=opset,
-        dynamo=False,
-    )
+    with quiet_onnx_export():
+        torch.onnx.export(
+            model,
+            inputs,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
     return path

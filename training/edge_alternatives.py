@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from cloud_runtime.model import CloudModel
+from tiergate.logs import show_progress
 from tiergate.manifest import load_manifest, write_manifest
 from training.build import alternative_row
 from training.config import QUALITY_FLOOR, EdgeConfig, within_edge_bounds
@@ -97,7 +98,9 @@ def truncated_minilm_alternative(
     t0 = time.perf_counter()
     for epoch in range(epochs):
         student.train()
-        for index in tqdm(length_bucketed_batches(lengths, 64, rng), desc=f"minilm-{layers}L distil {epoch + 1}"):
+        batches = length_bucketed_batches(lengths, 64, rng)
+        bar = tqdm(batches, desc=f"minilm-{layers}L distil {epoch + 1}", disable=not show_progress(), leave=False)
+        for index in bar:
             ids, mask = encode_batch(tokenizer, [train.texts[i] for i in index], pad_id)
             logits = student(torch.from_numpy(ids), torch.from_numpy(mask))
             idx = torch.from_numpy(index)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tiergate.logs import show_progress
 from training.config import EdgeConfig
 from training.measure import accuracy
 
@@ -94,7 +98,9 @@ def train_edge(
         model.train()
         order = torch.from_numpy(rng.permutation(len(train_ids)))
         batches = range(0, len(order), config.batch_size)
-        for start in tqdm(batches, desc=f"edge {config.name} epoch {epoch + 1}", disable=not progress, leave=False):
+        desc = f"edge {config.name} epoch {epoch + 1}"
+        bar = tqdm(batches, desc=desc, disable=not show_progress(progress), leave=False)
+        for start in bar:
             index = order[start : start + config.batch_size]
             logits = model(x[index])
             loss = kd_loss(
@@ -124,14 +130,33 @@ def export_edge_onnx(model: EdgeNet, path: Path, max_features: int, opset: int =
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.ones((2, max_features), dtype=torch.int32)
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(path),
-        input_names=["ids"],
-        output_names=["logits"],
-        dynamic_axes={"ids": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=opset,
-        dynamo=False,
-    )
+    with quiet_onnx_export():
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["ids"],
+            output_names=["logits"],
+            dynamic_axes={"ids": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     return path
+
+
+@contextmanager
+def quiet_onnx_export() -> Iterator[None]:
+    """Silence, for one ``torch.onnx.export`` call, the warnings the TorchScript exporter gives on every export.
+
+    Each is expected here: the legacy exporter is chosen on purpose (one self-contained file at a fixed
+    opset); the tracer's notes on Python-side shape checks and the opset note on advanced indexing are about
+    graphs that could differ from eager torch, and every exported graph is measured through the serving
+    runtime on validation rows right after the export, so a wrong one shows there. Other warnings still show.
+    """
+    with warnings.catch_warnings():
+        # torch.jit documents TracerWarning but its stubs do not re-export it.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Exporting aten::index operator of advanced indexing", UserWarning)
+        yield

@@ -1,0 +1,115 @@
+"""The gateway's Prometheus metrics: what was answered where, why it escalated, what failed and what it cost.
+
+Label values come from bounded sets (model and tier names, reasons, status codes, causes); no request
+text or id ever becomes a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from gateway.cost import Cost
+from tiergate.metrics import LATENCY_BUCKETS, ROW_BUCKETS
+
+
+class GatewayMetrics:
+    """Every gateway metric, in a registry of its own (two servers in one process never share one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "tiergate_request_duration_seconds",
+            "ModelInfer latency at the gateway, by model and by the last tier that answered a row of it.",
+            ["model", "tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rpc_errors = Counter(
+            "tiergate_rpc_errors_total",
+            "RPCs that ended with an error status, by method and code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rows = Counter("tiergate_rows_total", "Rows answered, by model and tier.", ["model", "tier"], registry=r)
+        self.escalations = Counter(
+            "tiergate_escalations_total",
+            "Rows sent past the first tier, by model and reason.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.degraded = Counter(
+            "tiergate_degraded_responses_total",
+            "Responses where a later tier failed and earlier answers were returned instead.",
+            ["model"],
+            registry=r,
+        )
+        self.hop_errors = Counter(
+            "tiergate_hop_errors_total",
+            "Failed calls to a remote tier, by tier and status code.",
+            ["tier", "code"],
+            registry=r,
+        )
+        self.envelope_rejections = Counter(
+            "tiergate_envelope_rejections_total",
+            "Sealed responses from a remote tier that were refused, by cause.",
+            ["tier", "cause"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "tiergate_inflight_requests", "ModelInfer calls in progress, by model.", ["model"], registry=r
+        )
+        self.edge_batch_rows = Histogram(
+            "tiergate_edge_batch_rows", "Rows per edge model call.", ["tier"], buckets=ROW_BUCKETS, registry=r
+        )
+        self.cost_spent = Counter(
+            "tiergate_cost_spent_total",
+            "What the tiers' work cost, in the configured currency (label), by model.",
+            ["model", "currency"],
+            registry=r,
+        )
+        self.cost_cloud_only = Counter(
+            "tiergate_cost_cloud_only_total",
+            "What the same rows would have cost sent straight to the last tier; saved = this - spent.",
+            ["model", "currency"],
+            registry=r,
+        )
+        self.model_info = Info(
+            "tiergate_model",
+            "The served model: version, routing signal, calibrated threshold, tier chain.",
+            ["model"],
+            registry=r,
+        )
+
+    def describe_model(self, model: str, *, version: str, signal: str, threshold: float, chain: list[str]) -> None:
+        self.model_info.labels(model=model).info(
+            {"version": version, "signal": signal, "threshold": f"{threshold:.6g}", "chain": ",".join(chain)}
+        )
+
+    def answered(
+        self,
+        model: str,
+        *,
+        seconds: float,
+        tiers: Mapping[str, int],
+        reasons: Mapping[str, int],
+        degraded: bool,
+        cost: Cost,
+        currency: str,
+        top_tier: str,
+    ) -> None:
+        """Record one answered ModelInfer: `tiers` rows per answering tier, `reasons` escalations by reason."""
+        self.request_seconds.labels(model=model, tier=top_tier).observe(seconds)
+        for tier, count in tiers.items():
+            self.rows.labels(model=model, tier=tier).inc(count)
+        for reason, count in reasons.items():
+            self.escalations.labels(model=model, reason=reason).inc(count)
+        if degraded:
+            self.degraded.labels(model=model).inc()
+        self.cost_spent.labels(model=model, currency=currency).inc(cost.spent)
+        self.cost_cloud_only.labels(model=model, currency=currency).inc(cost.cloud_only)
+
+    def rpc_failed(self, method: str, code: str) -> None:
+        self.rpc_errors.labels(method=method, code=code).inc()
