@@ -36,11 +36,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _write_port(port_file: Path | None, port: int) -> None:
+def _write_ports(port_file: Path | None, port: int, metrics_port: int) -> None:
+    """`{"port": ..., "metrics_port": ...}` (0: no metrics endpoint), for whoever started the server."""
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(port), encoding="utf-8")
-        tmp.replace(port_file)  # atomic: a reader never sees a half-written port
+        tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}), encoding="utf-8")
+        tmp.replace(port_file)  # atomic: a reader never sees a half-written file
 
 
 def _apply_server_flags(section: GatewaySettings | CloudSettings, args: argparse.Namespace) -> None:
@@ -49,6 +50,8 @@ def _apply_server_flags(section: GatewaySettings | CloudSettings, args: argparse
         value = getattr(args, flag)
         if value is not None:
             setattr(section, attribute, value)
+    if args.metrics_port is not None:
+        section.metrics.port = args.metrics_port
 
 
 async def _serve_gateway(args: argparse.Namespace) -> None:
@@ -64,7 +67,7 @@ async def _serve_gateway(args: argparse.Namespace) -> None:
     keyring = Keyring.load_or_create(settings.keyring_path) if "cloud" in settings.chain else None
     server = GatewayServer(settings, keyring)
     port = await server.start()
-    _write_port(args.port_file, port)
+    _write_ports(args.port_file, port, server.metrics_port)
     await server.serve_forever()
 
 
@@ -76,7 +79,7 @@ async def _serve_cloud(args: argparse.Namespace) -> None:
     _apply_server_flags(settings, args)
     server = CloudServer(settings, Keyring.load_or_create(settings.keyring_path))
     port = await server.start()
-    _write_port(args.port_file, port)
+    _write_ports(args.port_file, port, server.metrics_port)
     await server.serve_forever()
 
 
@@ -205,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, default=None, help=port_help)
         sub.add_argument("--models", type=Path, default=None, help=f"model directory (default {DEFAULT_MODELS_DIR})")
         sub.add_argument("--keyring", type=Path, default=None, help=f"sealing keyring (default {DEFAULT_KEYRING})")
-        sub.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+        sub.add_argument("--port-file", type=Path, default=None, help="write the bound ports here (JSON) once serving")
+        sub.add_argument(
+            "--metrics-port", type=int, default=None, help="Prometheus /metrics port (0 picks a free port)"
+        )
         if name == "gateway":
             sub.add_argument("--cloud", default=None, help="cloud tier HOST:PORT")
             sub.add_argument("--edge-only", action="store_true", help="serve with the edge tier alone")

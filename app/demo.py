@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -51,7 +53,7 @@ class ServerProcess:
         self.log_path = log_path or Path(self._workdir.name) / "server.log"
         self._log = self.log_path.open("wb")
         command = [sys.executable, "-m", "app.cli", *cli_options, "serve", *args]
-        command += ["--port", "0", "--port-file", str(port_file)]
+        command += ["--port", "0", "--metrics-port", "0", "--port-file", str(port_file)]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + startup_timeout_s
         while not port_file.exists():
@@ -61,7 +63,8 @@ class ServerProcess:
                 self.stop()
                 raise TimeoutError(f"{' '.join(args[:1])} server did not start within {startup_timeout_s}s")
             time.sleep(0.05)
-        self.port = int(port_file.read_text(encoding="utf-8"))
+        ports = json.loads(port_file.read_text(encoding="utf-8"))
+        self.port, self.metrics_port = int(ports["port"]), int(ports["metrics_port"])
         self.target = f"127.0.0.1:{self.port}"
 
     def log_text(self) -> str:
@@ -110,6 +113,7 @@ class LocalStack:
         self._cli_options = list(cli_options)
         self.cloud_target = ""
         self.gateway_target = ""
+        self.gateway_metrics_port = 0
         self.exit_codes: dict[str, int] = {}
         self._processes: dict[str, ServerProcess] = {}
 
@@ -125,6 +129,7 @@ class LocalStack:
             self._stop()
             raise
         self.cloud_target, self.gateway_target = cloud.target, gateway.target
+        self.gateway_metrics_port = gateway.metrics_port
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -160,6 +165,34 @@ class TrafficReport:
     outcomes: list[Outcome] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     wall_s: float = 0.0
+    cost: TrafficCost | None = None
+
+
+@dataclass(frozen=True)
+class TrafficCost:
+    """What the gateway's cost counters say this traffic cost, tiered and sent all to the cloud."""
+
+    spent: float
+    cloud_only: float
+    currency: str
+
+
+def read_cost(metrics_port: int, host: str = "127.0.0.1") -> TrafficCost | None:
+    """The gateway's `tiergate_cost_*_total` counters, summed over models; None without an endpoint."""
+    if not metrics_port:
+        return None
+    with urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode("utf-8")
+    totals: dict[str, float] = {}
+    currency = ""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("tiergate_cost_spent_total", "tiergate_cost_cloud_only_total"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+                currency = sample.labels.get("currency", currency)
+    if not totals:
+        return None
+    return TrafficCost(totals.get("tiergate_cost_spent_total", 0.0), totals["tiergate_cost_cloud_only_total"], currency)
 
 
 def ensure_models(models_dir: Path, data_dir: Path | None) -> None:
@@ -250,6 +283,14 @@ def format_summary(report: TrafficReport) -> str:
     for tier, group in sorted(by_tier.items()):
         lines.append(_summary_row(tier, group))
     lines.append(_summary_row("all", outcomes))
+    if report.cost is not None and report.cost.cloud_only > 0:
+        cost = report.cost
+        saved = 1.0 - cost.spent / cost.cloud_only
+        # Cost of this traffic, tiered vs cloud-only, at the prices in the gateway's cost settings.
+        lines.append(
+            f"cost                {cost.spent:.4f} {cost.currency} tiered vs {cost.cloud_only:.4f} {cost.currency} "
+            f"cloud-only (saved {saved:.1%})"
+        )
     return "\n".join(lines)
 
 
@@ -305,6 +346,7 @@ def run_demo(options: DemoOptions) -> int:
             f"{manifest.data.get('source')}, task {manifest.task}, {options.concurrency} callers"
         )
         report = asyncio.run(send_traffic(stack.gateway_target, examples, options.concurrency))
+        report.cost = read_cost(stack.gateway_metrics_port)
     print(format_summary(report))
     print(f"servers stopped (gateway exit {stack.exit_codes['gateway']}, cloud exit {stack.exit_codes['cloud']})")
     return 0 if report.outcomes and not report.errors else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import shutil
 import subprocess
@@ -17,7 +18,11 @@ import yaml
 from grpc_health.v1 import health_pb2
 
 from app.cli import build_parser
+from cloud_runtime.metrics import CloudMetrics
+from gateway.metrics import GatewayMetrics
+from tiergate import telemetry
 from tiergate.envelope import Keyring
+from tiergate.logs import LOG_FORMAT_ENV, LOG_LEVEL_ENV
 from tiergate.rpc import ManagedServer
 from tiergate.settings import CloudSettings, GatewaySettings, load_settings
 
@@ -26,12 +31,23 @@ DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 BASE = K8S / "base"
 OVERLAYS = ("cpu-edge", "edge-gpu")
+# Each overlay rendered as is, and with every optional component enabled.
+RENDERINGS = (*OVERLAYS, *(f"{overlay}+components" for overlay in OVERLAYS))
+COMPONENTS = K8S / "components"
+COMPONENT_NAMES = ("tracing", "prometheus-operator")
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+README = DEPLOY / "README.md"
 EDGE_BACKENDS = {"onnxruntime", "tensorrt"}
 TIERS = ("gateway", "cloud")
 DEFAULT_PORTS = {"gateway": GatewaySettings().port, "cloud": CloudSettings().port}
 DRAIN_S = {"gateway": GatewaySettings().grace_s, "cloud": CloudSettings().grace_s}
+DEFAULT_METRICS_PORTS = {"gateway": GatewaySettings().metrics.port, "cloud": CloudSettings().metrics.port}
+# The OTEL_* variables the servers read: every name quoted in telemetry.resolve.
+OTEL_READ = frozenset(re.findall(r'"(OTEL_[A-Z_]+)"', inspect.getsource(telemetry.resolve)))
+# TIERGATE_* variables outside the settings tree (read by the CLI's logging set-up).
+TIERGATE_NON_SETTINGS = frozenset({LOG_LEVEL_ENV, LOG_FORMAT_ENV})
+SCRAPER_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
 
 Doc = dict[str, Any]
 
@@ -64,9 +80,33 @@ def env_of(container: Doc) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container.get("env", [])}
 
 
-def grpc_port(container: Doc) -> int:
-    (port,) = [p for p in container["ports"] if p["name"] == "grpc"]
+def container_port(container: Doc, name: str) -> int:
+    (port,) = [p for p in container["ports"] if p["name"] == name]
     return int(port["containerPort"])
+
+
+def grpc_port(container: Doc) -> int:
+    return container_port(container, "grpc")
+
+
+def tier_settings(env: dict[str, str], tier: str) -> GatewaySettings | CloudSettings:
+    """The tier's settings as a server started with `env` sees them; fails on any variable it would not read."""
+    for name in env:
+        if name.startswith("OTEL_"):
+            assert name in OTEL_READ, f"{name} is not read by tiergate.telemetry.resolve"
+        elif name not in TIERGATE_NON_SETTINGS:
+            # Other tiers' sections would load but never reach this server; a name without `__` is ignored.
+            assert name.startswith(f"TIERGATE_{tier.upper()}__"), f"{name} is no {tier} setting"
+    # load_settings rejects a key that names no settings field.
+    settings: GatewaySettings | CloudSettings = getattr(
+        load_settings(env={k: v for k, v in env.items() if k.startswith("TIERGATE_")}), tier
+    )
+    # resolve rejects an unknown protocol or sampler and a sampler argument outside [0, 1].
+    tracing = telemetry.resolve(
+        settings.tracing, f"tiergate-{tier}", env={k: v for k, v in env.items() if k.startswith("OTEL_")}
+    )
+    assert tracing.service_name == f"tiergate-{tier}"
+    return settings
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +166,25 @@ def test_container_args_ports_service_and_probes_agree(base: dict[tuple[str, str
     assert port["port"] == args.port
     assert port["appProtocol"] == "grpc"
 
-    # Every TIERGATE_* variable must name a real setting: load_settings rejects unknown keys.
-    env = env_of(container)
-    load_settings(env={k: v for k, v in env.items() if k.startswith("TIERGATE_")})
-    assert env["OTEL_SERVICE_NAME"] == f"tiergate-{tier}"
+    tier_settings(env_of(container), tier)
+    assert env_of(container)["OTEL_SERVICE_NAME"] == f"tiergate-{tier}"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_metrics_port_is_reachable_and_annotated(base: dict[tuple[str, str], Doc], tier: str) -> None:
+    deployment = base[("Deployment", f"tiergate-{tier}")]
+    container = tier_container(deployment, tier)
+    metrics = tier_settings(env_of(container), tier).metrics
+    assert metrics.enabled
+    assert metrics.port == DEFAULT_METRICS_PORTS[tier] != grpc_port(container)
+    assert container_port(container, "metrics") == metrics.port
+    assert metrics.host == "0.0.0.0", "the default loopback host is unreachable from outside the pod"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics.port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # The public Services carry gRPC only; the metrics Services come with the prometheus-operator component.
+    assert [p["name"] for p in base[("Service", f"tiergate-{tier}")]["spec"]["ports"]] == ["grpc"]
 
 
 def test_gateway_cloud_target_names_the_cloud_service(base: dict[tuple[str, str], Doc]) -> None:
@@ -171,17 +226,28 @@ def test_pod_disruption_budget_selects_its_tier(base: dict[tuple[str, str], Doc]
 
 def test_network_policy_admits_only_the_gateway_to_the_cloud_port(base: dict[tuple[str, str], Doc]) -> None:
     (policy,) = [doc for key, doc in base.items() if key[0] == "NetworkPolicy"]
-    cloud = base[("Deployment", "tiergate-cloud")]["spec"]["template"]["metadata"]["labels"]
+    cloud_deployment = base[("Deployment", "tiergate-cloud")]
+    cloud = cloud_deployment["spec"]["template"]["metadata"]["labels"]
     gateway = base[("Deployment", "tiergate-gateway")]["spec"]["template"]["metadata"]["labels"]
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert matches(selector, cloud) and not matches(selector, gateway)
+    # Ingress only: egress stays open, so the OTLP exporter needs no rule.
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    (rule,) = policy["spec"]["ingress"]
-    (source,) = rule["from"]
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("ports"), "a rule without ports admits every port"
+    rules = {tuple(p["port"] for p in rule["ports"]): rule for rule in policy["spec"]["ingress"]}
+    metrics_port = tier_settings(env_of(tier_container(cloud_deployment, "cloud")), "cloud").metrics.port
+    assert set(rules) == {(DEFAULT_PORTS["cloud"],), (metrics_port,)}, "each port in a rule of its own"
+
+    (source,) = rules[(DEFAULT_PORTS["cloud"],)]["from"]
     assert set(source) == {"podSelector"}, "a namespace or IP source would admit more than the gateway"
     assert matches(source["podSelector"]["matchLabels"], gateway)
     assert not matches(source["podSelector"]["matchLabels"], cloud)
-    assert [p["port"] for p in rule["ports"]] == [DEFAULT_PORTS["cloud"]]
+
+    # The scraper's namespace reaches the metrics port and nothing else.
+    (source,) = rules[(metrics_port,)]["from"]
+    assert set(source) == {"namespaceSelector"}
+    assert source["namespaceSelector"] == {"matchLabels": SCRAPER_NAMESPACE}
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -250,6 +316,84 @@ def test_overlay_patches_target_base_objects(base: dict[tuple[str, str], Doc]) -
                 for container in doc["spec"]["template"]["spec"].get("containers", []):
                     backend = env_of(container).get("TIERGATE_GATEWAY__EDGE_BACKEND")
                     assert backend in EDGE_BACKENDS | {None}
+                    tier_settings(env_of(container), container["name"])
+
+
+# --- optional components ----------------------------------------------------------------
+
+
+def component(name: str) -> Doc:
+    (doc,) = load_yaml(COMPONENTS / name / "kustomization.yaml")
+    return doc
+
+
+def component_docs(name: str, key: str) -> list[Doc]:
+    entries = component(name).get(key, [])
+    return [
+        doc
+        for entry in entries
+        for doc in load_yaml(COMPONENTS / name / (entry if key == "resources" else entry["path"]))
+    ]
+
+
+@pytest.mark.parametrize("name", COMPONENT_NAMES)
+def test_component_is_opt_in_and_fits_the_base(base: dict[tuple[str, str], Doc], name: str) -> None:
+    assert {p.name for p in COMPONENTS.iterdir() if p.is_dir()} == set(COMPONENT_NAMES)
+    kust = component(name)
+    assert (kust["apiVersion"], kust["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    listed = [*kust.get("resources", []), *(patch["path"] for patch in kust.get("patches", []))]
+    assert sorted(listed) == sorted(
+        p.name for p in (COMPONENTS / name).glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    for doc in component_docs(name, "patches"):
+        assert (doc["kind"], doc["metadata"]["name"]) in base, (name, doc["metadata"]["name"])
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            tier_settings(env_of(container), container["name"])
+    for doc in component_docs(name, "resources"):
+        assert (doc["kind"], doc["metadata"]["name"]) not in base
+        # A component's resources are not in the base, so the base's `namespace:` never reaches them.
+        assert doc["metadata"]["namespace"] == "tiergate", doc["metadata"]["name"]
+    for overlay in OVERLAYS:
+        text = (K8S / "overlays" / overlay / "kustomization.yaml").read_text(encoding="utf-8")
+        assert f"#   - ../../components/{name}\n" in text, f"{overlay} does not show how to enable {name}"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_tracing_component_exports_both_tiers_with_a_ratio_sampler(base: dict[tuple[str, str], Doc], tier: str) -> None:
+    patches = index(component_docs("tracing", "patches"))
+    env = {
+        **env_of(tier_container(base[("Deployment", f"tiergate-{tier}")], tier)),
+        **env_of(tier_container(patches[("Deployment", f"tiergate-{tier}")], tier)),
+    }
+    config = telemetry.resolve(tier_settings(env, tier).tracing, f"tiergate-{tier}", env=env)
+    assert config.exporting and config.protocol == "grpc"
+    assert (config.sampler, config.sampler_arg) == ("parentbased_traceidratio", 0.1)
+    endpoints = {
+        env_of(doc["spec"]["template"]["spec"]["containers"][0])["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        for doc in patches.values()
+    }
+    assert endpoints == {config.endpoint}, "both tiers must report to one collector"
+
+
+def test_service_monitor_scrapes_each_tiers_metrics_port(base: dict[tuple[str, str], Doc]) -> None:
+    docs = index(component_docs("prometheus-operator", "resources"))
+    (monitor,) = [doc for (kind, _), doc in docs.items() if kind == "ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [doc for (kind, _), doc in docs.items() if kind == "Service"]
+    for tier in TIERS:
+        deployment = base[("Deployment", f"tiergate-{tier}")]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        metrics_port = tier_settings(env_of(tier_container(deployment, tier)), tier).metrics.port
+        (service,) = [doc for doc in services if matches(doc["spec"]["selector"], pod_labels)]
+        assert matches(selector, service["metadata"]["labels"])
+        (port,) = service["spec"]["ports"]
+        assert port["name"] == endpoint["port"] == "metrics"
+        assert port["port"] == metrics_port and port["targetPort"] in ("metrics", metrics_port)
+        # The public Service keeps gRPC alone and is not scraped.
+        assert not matches(selector, base[("Service", f"tiergate-{tier}")]["metadata"]["labels"])
 
 
 # --- rendered overlays (needs kubectl; no cluster) --------------------------------------
@@ -264,6 +408,17 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[tuple[s
     shutil.copytree(K8S, tree)
     # The operator's keyring file, as the README has them create it.
     Keyring.generate().save(tree / "base" / "keyring" / "seal-keys.json")
+    # Each overlay with every component enabled, as the overlays' comments show.
+    for overlay in OVERLAYS:
+        with_components = tree / "overlays" / f"{overlay}+components"
+        with_components.mkdir()
+        kust = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [f"../{overlay}"],
+            "components": [f"../../components/{name}" for name in COMPONENT_NAMES],
+        }
+        (with_components / "kustomization.yaml").write_text(yaml.safe_dump(kust), encoding="utf-8")
     runs = {
         overlay: subprocess.Popen(
             [kubectl, "kustomize", str(tree / "overlays" / overlay)],
@@ -271,7 +426,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[tuple[s
             stderr=subprocess.PIPE,
             text=True,
         )
-        for overlay in OVERLAYS
+        for overlay in RENDERINGS
     }
     out: dict[str, dict[tuple[str, str], Doc]] = {}
     for overlay, run in runs.items():
@@ -283,7 +438,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[tuple[s
     return out
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERINGS)
 def test_overlay_renders_into_one_namespace_with_the_generated_secret(
     rendered: dict[str, dict[tuple[str, str], Doc]], overlay: str
 ) -> None:
@@ -320,6 +475,25 @@ def test_cpu_edge_overlay_keeps_the_gateway_off_gpus(rendered: dict[str, dict[tu
     assert env_of(gateway)["TIERGATE_GATEWAY__EDGE_BACKEND"] == "onnxruntime"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_components_add_to_an_overlay_without_replacing_it(
+    rendered: dict[str, dict[tuple[str, str], Doc]], overlay: str
+) -> None:
+    plain, docs = rendered[overlay], rendered[f"{overlay}+components"]
+    assert set(docs) - set(plain) == {
+        ("Service", "tiergate-gateway-metrics"),
+        ("Service", "tiergate-cloud-metrics"),
+        ("ServiceMonitor", "tiergate"),
+    }
+    for tier in TIERS:
+        before = tier_container(plain[("Deployment", f"tiergate-{tier}")], tier)
+        after = tier_container(docs[("Deployment", f"tiergate-{tier}")], tier)
+        assert env_of(before).items() < env_of(after).items(), "the tracing patch must add to the env, not replace it"
+        assert after["ports"] == before["ports"]
+        env = env_of(after)
+        assert telemetry.resolve(tier_settings(env, tier).tracing, f"tiergate-{tier}", env=env).exporting
+
+
 # --- compose ----------------------------------------------------------------------------
 
 
@@ -352,9 +526,27 @@ def test_compose_tier_health_mounts_and_tracing(compose: Doc, tier: str) -> None
     env = service["environment"]
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
     assert env["OTEL_SERVICE_NAME"] == f"tiergate-{tier}"
-    load_settings(env={k: v for k, v in env.items() if k.startswith("TIERGATE_")})
+    assert telemetry.resolve(tier_settings(env, tier).tracing, f"tiergate-{tier}", env=env).exporting
     grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
     assert grace is not None and int(grace[1]) > DRAIN_S[tier]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_compose_metrics_port(compose: Doc, tier: str) -> None:
+    service = compose["services"][tier]
+    metrics = tier_settings(service["environment"], tier).metrics
+    assert metrics.enabled and metrics.port == DEFAULT_METRICS_PORTS[tier]
+    assert metrics.host == "0.0.0.0", "the default loopback host is unreachable from outside the container"
+    published = []
+    for entry in service.get("ports", []):
+        host_ip, host_port, container_port = ["", *entry.split(":")][-3:]
+        if int(container_port) == metrics.port:
+            published.append((host_ip, int(host_port)))
+    if tier == "gateway":
+        assert published == [("127.0.0.1", metrics.port)], "the gateway's metrics are published on localhost only"
+    else:
+        assert published == [], "the cloud tier is reachable only inside the compose network"
+        assert [int(port) for port in service["expose"]] == [metrics.port]
 
 
 def test_compose_jaeger_takes_otlp(compose: Doc) -> None:
@@ -418,6 +610,33 @@ def test_dockerfile_builds_a_non_root_tiergate_image() -> None:
     assert re.search(r"pip install /src$", runtime, re.MULTILINE)
     assert re.search(r"^USER 10001:10001$", runtime, re.MULTILINE)
     assert re.search(r'^ENTRYPOINT \["tiergate"\]$', runtime, re.MULTILINE)
+    (expose,) = re.findall(r"^EXPOSE (.+)$", runtime, re.MULTILINE)
+    assert {int(port) for port in expose.split()} == {*DEFAULT_PORTS.values(), *DEFAULT_METRICS_PORTS.values()}
+
+
+# --- README ---------------------------------------------------------------------------------
+
+
+def exposed_metric_names() -> set[str]:
+    suffix = {"counter": "_total", "info": "_info"}
+    return {
+        family.name + suffix.get(family.type, "")
+        for registry in (GatewayMetrics().registry, CloudMetrics().registry)
+        for family in registry.collect()
+    }
+
+
+def test_readme_names_exactly_the_metrics_the_servers_export() -> None:
+    named = set(re.findall(r"\btiergate_[a-z0-9_]+", README.read_text(encoding="utf-8")))
+    assert named == exposed_metric_names()
+
+
+def test_readme_documents_the_ports_and_components() -> None:
+    text = README.read_text(encoding="utf-8")
+    for port in (*DEFAULT_PORTS.values(), *DEFAULT_METRICS_PORTS.values()):
+        assert str(port) in text
+    for name in COMPONENT_NAMES:
+        assert f"components/{name}/" in text
 
 
 def test_dockerignore_lets_through_everything_pip_install_needs() -> None:
