@@ -76,7 +76,9 @@ async def test_counters_follow_edge_answers_and_escalations(
     assert value(cloud, "tiergate_cloud_request_duration_seconds_count", model=MODEL_NAME) == 1
 
 
-async def test_low_confidence_escalation_is_counted(start_stack: StackFactory, tiny_rows: list[tuple[str, str]]) -> None:
+async def test_low_confidence_escalation_is_counted(
+    start_stack: StackFactory, tiny_rows: list[tuple[str, str]]
+) -> None:
     stack = await start_stack(threshold=1.0)
     await infer(stack, [text for text, _ in tiny_rows[:2]])
     after = await scrape(stack.gateway.metrics_port)
