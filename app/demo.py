@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,14 +47,18 @@ class ServerProcess:
         startup_timeout_s: float = 120.0,
         log_path: Path | None = None,
         cli_options: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """`env` adds to (or overrides) the environment the server inherits from this process."""
         self._workdir = tempfile.TemporaryDirectory(prefix="tiergate-")
         port_file = Path(self._workdir.name) / "port"
         self.log_path = log_path or Path(self._workdir.name) / "server.log"
         self._log = self.log_path.open("wb")
         command = [sys.executable, "-m", "app.cli", *cli_options, "serve", *args]
         command += ["--port", "0", "--metrics-port", "0", "--port-file", str(port_file)]
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         deadline = time.monotonic() + startup_timeout_s
         while not port_file.exists():
             if self.process.poll() is not None:
@@ -105,12 +109,20 @@ def wait_serving(target: str, timeout_s: float = 30.0) -> None:
 class LocalStack:
     """Cloud and gateway processes on loopback, wired together; exit codes are set once stopped.
 
-    `cli_options` go before the subcommand of each server's command line (e.g. ``--log-format json``).
+    `cli_options` go before the subcommand of each server's command line (e.g. ``--log-format json``);
+    `env` adds environment variables for both servers (e.g. the ``OTEL_*`` ones).
     """
 
-    def __init__(self, models_dir: Path, keyring_path: Path, cli_options: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        keyring_path: Path,
+        cli_options: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self._common = ["--models", str(models_dir), "--keyring", str(keyring_path)]
         self._cli_options = list(cli_options)
+        self._env = dict(env or {})
         self.cloud_target = ""
         self.gateway_target = ""
         self.gateway_metrics_port = 0
@@ -119,9 +131,11 @@ class LocalStack:
 
     def __enter__(self) -> LocalStack:
         try:
-            cloud = self._processes["cloud"] = ServerProcess(["cloud", *self._common], cli_options=self._cli_options)
+            cloud = self._processes["cloud"] = ServerProcess(
+                ["cloud", *self._common], cli_options=self._cli_options, env=self._env
+            )
             gateway = self._processes["gateway"] = ServerProcess(
-                ["gateway", *self._common, "--cloud", cloud.target], cli_options=self._cli_options
+                ["gateway", *self._common, "--cloud", cloud.target], cli_options=self._cli_options, env=self._env
             )
             wait_serving(cloud.target)
             wait_serving(gateway.target)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 
 from gateway.cost import CostModel
+from gateway.drift import DriftWatch
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Hint, Reason, RoutingPolicy
 from gateway.tier import Prediction, Tier
@@ -153,10 +154,12 @@ class TieredModel:
         *,
         metrics: GatewayMetrics | None = None,
         cost: CostModel | None = None,
+        drift: DriftWatch | None = None,
     ) -> None:
         self.name = name
         self.version = version
         self.cascade = cascade
+        self.drift = drift
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         last = cascade.tiers[-1].name
         self.cost = cost if cost is not None else CostModel({last: 0.0}, reference_tier=last, currency="USD")
@@ -177,6 +180,15 @@ class TieredModel:
         with self.metrics.inflight.labels(model=self.name).track_inprogress():
             result = await self.cascade.infer(texts, hint, deadline)
         seconds = time.perf_counter() - started
+        if self.drift is not None:
+            first, threshold = self.cascade.tiers[0].name, self.cascade.policy.threshold
+            self.drift.offer(
+                texts,
+                [
+                    (row.label, row.confidence, row.tier == first and not row.reasons and row.confidence >= threshold)
+                    for row in result.rows
+                ],
+            )
         tiers = result.rows_by_tier()
         reasons = result.reason_counts()
         cost = self.cost.price(result.processed, len(result.rows))

@@ -76,6 +76,36 @@ class GatewayMetrics:
             ["model", "currency"],
             registry=r,
         )
+        self.drift_agreement = Gauge(
+            "tiergate_drift_agreement",
+            "Share of shadow-sampled edge answers the last tier agrees with, over the drift window.",
+            ["model"],
+            registry=r,
+        )
+        self.drift_label_agreement = Gauge(
+            "tiergate_drift_label_agreement",
+            "Edge/cloud agreement over the drift window, per edge label.",
+            ["model", "label"],
+            registry=r,
+        )
+        self.drift_alarm = Gauge(
+            "tiergate_drift_alarm", "1 while drift agreement is below its alarm level.", ["model"], registry=r
+        )
+        self.drift_sampled = Counter(
+            "tiergate_drift_sampled_rows_total", "Edge answers queued for a shadow comparison.", ["model"], registry=r
+        )
+        self.drift_compared = Counter(
+            "tiergate_drift_compared_rows_total", "Shadow comparisons made.", ["model"], registry=r
+        )
+        self.drift_dropped = Counter(
+            "tiergate_drift_dropped_rows_total",
+            "Samples dropped because the drift queue was full.",
+            ["model"],
+            registry=r,
+        )
+        self.drift_failed = Counter(
+            "tiergate_drift_failed_rows_total", "Samples lost because the shadow call failed.", ["model"], registry=r
+        )
         self.model_info = Info(
             "tiergate_model",
             "The served model: version, routing signal, calibrated threshold, tier chain.",

@@ -9,6 +9,7 @@ import grpc
 from gateway.cascade import Cascade, TieredModel
 from gateway.cloud_tier import CloudTier
 from gateway.cost import CostModel
+from gateway.drift import DriftWatch
 from gateway.edge_tier import EdgeTier
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingPolicy
@@ -100,8 +101,25 @@ class GatewayServer:
         manifest = load_manifest(settings.models_dir, roles=roles)
         self.tiers = build_tiers(settings, manifest, keyring, self.tracing, self.metrics)
         cascade = Cascade(self.tiers, routing_policy(settings, manifest), tracer=self.tracing.tracer)
+        # The watch compares the first tier's confident answers with the last tier's; one tier has no reference.
+        self.drift = (
+            DriftWatch(
+                settings.drift,
+                self.tiers[-1],
+                model=settings.model_name,
+                model_version=manifest.version,
+                metrics=self.metrics,
+            )
+            if len(self.tiers) > 1
+            else None
+        )
         model = TieredModel(
-            settings.model_name, manifest.version, cascade, metrics=self.metrics, cost=cost_model(settings)
+            settings.model_name,
+            manifest.version,
+            cascade,
+            metrics=self.metrics,
+            cost=cost_model(settings),
+            drift=self.drift,
         )
         self.servicer = InferenceServicer([model], settings.limits)
 
@@ -121,6 +139,8 @@ class GatewayServer:
         self.servicer.bound = (self.settings.host, port)
         if self.metrics_server is not None:
             self.metrics_server.start(self.settings.metrics.host, self.settings.metrics.port)
+        if self.drift is not None:
+            self.drift.start()
         logger.info("gateway serving %r on %s:%d", self.settings.model_name, self.settings.host, port)
         return port
 
@@ -131,6 +151,8 @@ class GatewayServer:
     async def stop(self, grace_s: float | None = None) -> None:
         self.servicer.draining = True
         await self.managed.stop(self.settings.grace_s if grace_s is None else grace_s)
+        if self.drift is not None:
+            await self.drift.stop()
         await self._close_tiers()
         if self.metrics_server is not None:
             self.metrics_server.stop()

@@ -17,7 +17,7 @@ from gateway.server import GatewayServer
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate.constants import MODEL_NAME
 from tiergate.envelope import Keyring
-from tiergate.settings import CloudSettings, GatewaySettings, TracingSettings
+from tiergate.settings import CloudSettings, DriftSettings, GatewaySettings, TracingSettings
 from tiergate.telemetry import Tracing, resolve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,10 +94,12 @@ class StackFactory:
         cloud_tracing: Tracing | None = None,
         cloud_keyring: Keyring | None = None,
         cloud_timeout_s: float = 5.0,
+        drift: DriftSettings | None = None,
     ) -> Stack:
         """A cloud server (unless `with_cloud` is False) and a gateway on it, or on `cloud_target` if given.
 
-        Both serve metrics on a free port; tracing is off unless a `Tracing` is handed in.
+        Both serve metrics on a free port; tracing is off unless a `Tracing` is handed in, and so is the
+        drift watch unless `drift` settings are (its shadow calls would move the counters tests check).
         """
         keyring = Keyring.load(self.keyring_path)
         cloud = None
@@ -117,6 +119,7 @@ class StackFactory:
             cloud_timeout_s=cloud_timeout_s,
         )
         settings.metrics.port = 0
+        settings.drift = drift or DriftSettings(sample_rate=0.0)
         settings.cloud_target = cloud_target or "127.0.0.1:1"
         settings.routing.threshold = threshold
         settings.routing.max_edge_tokens = max_edge_tokens

@@ -92,6 +92,28 @@ class CostSettings:
 
 
 @dataclass
+class DriftSettings:
+    """Drift watch: shadow-sample rows the edge answered confidently to the last tier, off the request path."""
+
+    # Share of confidently answered rows sampled (0 turns the watch off). Each sample is a cloud row to pay for.
+    sample_rate: float = 0.02
+    # Sampled rows waiting for the cloud; when full, new samples are dropped (and counted), never waited for.
+    queue_size: int = 256
+    # Rows per shadow call to the cloud, and the time each call may take.
+    batch_rows: int = 32
+    timeout_s: float = 2.0
+    # Agreement is measured over this many latest comparisons; the alarm needs min_samples of them.
+    window: int = 500
+    min_samples: int = 200
+    # Agreement below this raises the alarm (one warning, and the tiergate_drift_alarm gauge).
+    alarm_agreement: float = 0.8
+    # JSON-lines file the disagreeing rows are appended to (None: not recorded).
+    record_path: Path | None = None
+    # Keep the row's text in the record (otherwise only its sha256).
+    record_text: bool = False
+
+
+@dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8001
@@ -109,6 +131,7 @@ class GatewaySettings:
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cost: CostSettings = field(default_factory=CostSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
 
 @dataclass

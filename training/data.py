@@ -303,6 +303,34 @@ def demo_aisles(n_labels: int | None = None) -> list[str]:
     return order[:n_labels]
 
 
+def generate_shifted_demo_texts(n_rows: int, seed: int = 0, n_labels: int | None = None) -> list[str]:
+    """Product names a model built on ``generate_demo_catalogue(..., n_labels)`` never saw the like of.
+
+    Same shape (brand, modifier, flavour, head, size), but the heads come from the demo aisles left out
+    of that catalogue, with brands reversed and sizes in other units: a shifted vocabulary for drift checks.
+    """
+    rng = np.random.default_rng(seed + 7919)
+    kept = set(demo_aisles(n_labels))
+    heads = [head for aisle, (_, names) in _AISLES.items() if aisle not in kept for head in names]
+    if not heads:
+        raise ValueError("every demo aisle is in the catalogue; nothing is left to shift to")
+    brands = [brand[::-1].title() for brand in _BRANDS]
+    sizes = ("3 kg", "750 g", "40 pk", "1.5 gal", "")
+    return [
+        " ".join(
+            p
+            for p in (
+                brands[rng.integers(len(brands))],
+                _FLAVOURS[rng.integers(len(_FLAVOURS))],
+                heads[rng.integers(len(heads))].title(),
+                sizes[rng.integers(len(sizes))],
+            )
+            if p
+        )
+        for _ in range(n_rows)
+    ]
+
+
 def generate_demo_catalogue(n_rows: int = 3000, seed: int = 0, n_labels: int | None = None) -> Catalogue:
     """A deterministic synthetic catalogue of ``n_rows`` unique product names (task: aisle)."""
     rng = np.random.default_rng(seed)
