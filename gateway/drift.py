@@ -85,6 +85,28 @@ class AgreementWindow:
         return {label: agreed[label] / count for label, count in seen.items()}
 
 
+# The alarm level when neither the settings nor the manifest give one (a manifest calibrated before the
+# build recorded its validation agreement).
+FALLBACK_ALARM_AGREEMENT = 0.8
+
+
+def alarm_level(settings: DriftSettings, expected_agreement: float | None) -> float:
+    """The settings' absolute level, else the calibrated agreement less `alarm_drop`, else the fallback."""
+    if settings.alarm_agreement is not None:
+        level = settings.alarm_agreement
+    elif expected_agreement is not None:
+        level = expected_agreement - settings.alarm_drop
+    else:
+        level = FALLBACK_ALARM_AGREEMENT
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"the drift alarm level must be within [0, 1], got {level}")
+    return level
+
+
+# The alarm clears only this far above its level, so agreement hovering at the level warns once, not often.
+CLEAR_MARGIN = 0.02
+
+
 class DriftWatch:
     """Samples confident edge answers, compares them with the reference tier, and raises an alarm on drift."""
 
@@ -96,12 +118,13 @@ class DriftWatch:
         model: str,
         model_version: str,
         metrics: GatewayMetrics,
+        expected_agreement: float | None = None,
         seed: int | None = None,
     ) -> None:
+        """`expected_agreement`: what the calibration measured on validation (the manifest's), if known."""
         if not 0.0 <= settings.sample_rate <= 1.0:
             raise ValueError(f"drift sample_rate must be within [0, 1], got {settings.sample_rate}")
-        if not 0.0 <= settings.alarm_agreement <= 1.0:
-            raise ValueError(f"drift alarm_agreement must be within [0, 1], got {settings.alarm_agreement}")
+        self.alarm_level = alarm_level(settings, expected_agreement)
         self.settings = settings
         self.reference = reference
         self.model = model
@@ -117,6 +140,7 @@ class DriftWatch:
         self._record = settings.record_path
         metrics.drift_agreement.labels(model=model).set(1.0)
         metrics.drift_alarm.labels(model=model).set(0)
+        metrics.drift_alarm_level.labels(model=model).set(self.alarm_level)
 
     @property
     def enabled(self) -> bool:
@@ -198,7 +222,7 @@ class DriftWatch:
         for label, share in self.window.by_label().items():
             self._metrics.drift_label_agreement.labels(model=self.model, label=label).set(share)
         ready = len(self.window) >= self.settings.min_samples
-        if ready and agreement < self.settings.alarm_agreement and not self.alarmed:
+        if ready and agreement < self.alarm_level and not self.alarmed:
             self.alarmed = True
             self._metrics.drift_alarm.labels(model=self.model).set(1)
             logger.warning(
@@ -206,9 +230,9 @@ class DriftWatch:
                 "the edge model may need recalibrating or retraining",
                 agreement * 100,
                 len(self.window),
-                self.settings.alarm_agreement * 100,
+                self.alarm_level * 100,
             )
-        elif self.alarmed and agreement >= self.settings.alarm_agreement:
+        elif self.alarmed and agreement >= self.alarm_level + CLEAR_MARGIN:
             self.alarmed = False
             self._metrics.drift_alarm.labels(model=self.model).set(0)
             logger.info("drift: agreement back at %.1f%%", agreement * 100)

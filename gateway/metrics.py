@@ -91,6 +91,12 @@ class GatewayMetrics:
         self.drift_alarm = Gauge(
             "tiergate_drift_alarm", "1 while drift agreement is below its alarm level.", ["model"], registry=r
         )
+        self.drift_alarm_level = Gauge(
+            "tiergate_drift_alarm_agreement",
+            "The agreement below which the drift alarm fires (settings, or calibrated agreement less a margin).",
+            ["model"],
+            registry=r,
+        )
         self.drift_sampled = Counter(
             "tiergate_drift_sampled_rows_total", "Edge answers queued for a shadow comparison.", ["model"], registry=r
         )

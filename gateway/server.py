@@ -109,6 +109,7 @@ class GatewayServer:
                 model=settings.model_name,
                 model_version=manifest.version,
                 metrics=self.metrics,
+                expected_agreement=manifest.routing.calibration.get("confident_agreement"),
             )
             if len(self.tiers) > 1
             else None

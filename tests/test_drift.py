@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.drift import AgreementWindow, Comparison, text_hash
+from gateway.drift import FALLBACK_ALARM_AGREEMENT, AgreementWindow, Comparison, alarm_level, text_hash
 from tests.conftest import Stack, StackFactory
 from tests.test_gateway import infer_request
 from tests.test_metrics import scrape, value
@@ -133,3 +133,19 @@ def test_bad_drift_settings_are_refused() -> None:
 
     with pytest.raises(ValueError, match="sample_rate must be within"):
         DriftWatch(DriftSettings(sample_rate=1.5), Never(), model="m", model_version="v", metrics=GatewayMetrics())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="alarm level must be within"):
+        alarm_level(DriftSettings(alarm_drop=0.5), expected_agreement=0.3)
+
+
+def test_the_alarm_level_comes_from_settings_else_the_calibration() -> None:
+    assert alarm_level(DriftSettings(alarm_agreement=0.7), expected_agreement=0.95) == 0.7
+    assert alarm_level(DriftSettings(alarm_drop=0.05), expected_agreement=0.95) == pytest.approx(0.9)
+    assert alarm_level(DriftSettings(), expected_agreement=None) == FALLBACK_ALARM_AGREEMENT
+
+
+def test_the_build_records_the_agreement_the_alarm_is_measured_against(tiny_models: Path) -> None:
+    from tiergate.manifest import load_manifest
+
+    calibration = load_manifest(tiny_models, verify=False).routing.calibration
+    assert 0.5 < calibration["confident_agreement"] <= 1.0
+    assert 0 < calibration["confident_rows"] <= calibration["rows"]

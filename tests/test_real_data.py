@@ -145,3 +145,50 @@ def test_eval_writes_the_report(real_models: Path, tmp_path: Path) -> None:
     assert "| Instacart test |" in markdown and "Targets" in markdown
     assert "Measured on this split" in markdown and "Cloud model parts" in markdown
     assert np.isfinite(report["edge_variants_test_accuracy"]["int8_served"])
+
+
+async def test_drift_watch_fires_on_bigbasket_names_mixed_in_and_not_on_instacart(
+    real_models: Path, keyring_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from tests.conftest import StackFactory
+    from tests.test_gateway import infer_request
+    from tiergate.settings import DriftSettings
+    from training.data import heldout_examples, load_bigbasket_departments
+
+    if not (BIGBASKET / "bigbasket_products.csv").is_file():
+        pytest.skip(f"BigBasket catalogue not found under {DATA_ROOT}")
+    instacart = [text for text, _ in heldout_examples(real_models, INSTACART)]
+    bigbasket, _ = load_bigbasket_departments(BIGBASKET)
+    rng = np.random.default_rng(0)
+    bigbasket = [bigbasket[i] for i in rng.permutation(len(bigbasket))[:2000]]
+    # Every confident edge answer is compared; the alarm level is the build's validation agreement less 0.05.
+    settings = DriftSettings(sample_rate=1.0, window=500, min_samples=200, batch_rows=32)
+    factory = StackFactory(real_models, keyring_path)
+    try:
+        stack = await factory(drift=settings, max_edge_batch=64)
+        drift = stack.gateway.drift
+        assert drift is not None and drift.alarm_level < 1.0
+
+        async def send(texts: list[str]) -> None:
+            for text in texts:
+                await stack.stub.ModelInfer(infer_request([text]), timeout=10.0)
+            await drift.drained()
+
+        with caplog.at_level(logging.WARNING, logger="gateway.drift"):
+            instacart_only = [instacart[i % len(instacart)] for i in range(1000)]
+            await send(instacart_only)
+            assert not drift.alarmed, f"agreement {drift.window.agreement():.3f}, level {drift.alarm_level:.3f}"
+            assert not [r for r in caplog.records if r.name == "gateway.drift"], "no alarm on Instacart alone"
+            # Then BigBasket names mixed in, three in four, until the alarm fires: within 2,000 requests.
+            mixed = [bigbasket[i] if i % 4 else instacart[i % len(instacart)] for i in range(2000)]
+            sent = 0
+            while not drift.alarmed and sent < len(mixed):
+                await send(mixed[sent : sent + 100])
+                sent += 100
+        assert drift.alarmed, f"agreement {drift.window.agreement():.3f}, level {drift.alarm_level:.3f}"
+        warnings = [r for r in caplog.records if r.name == "gateway.drift" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+    finally:
+        await factory.stop_all()

@@ -105,8 +105,10 @@ class DriftSettings:
     # Agreement is measured over this many latest comparisons; the alarm needs min_samples of them.
     window: int = 500
     min_samples: int = 200
-    # Agreement below this raises the alarm (one warning, and the tiergate_drift_alarm gauge).
-    alarm_agreement: float = 0.8
+    # Agreement below this level raises the alarm (one warning, and the tiergate_drift_alarm gauge). Unset, the
+    # level is the agreement the calibration measured on validation (in the manifest) less alarm_drop.
+    alarm_agreement: float | None = None
+    alarm_drop: float = 0.05
     # JSON-lines file the disagreeing rows are appended to (None: not recorded).
     record_path: Path | None = None
     # Keep the row's text in the record (otherwise only its sha256).

@@ -465,6 +465,7 @@ def calibrate_routing(chosen: EdgeCandidate, val: Catalogue, cloud: CloudStage, 
         target_escalation=config.target_escalation,
         target_quality=config.target_quality if config.target_escalation is None else None,
         extra={"signal_auroc": aurocs},
+        agreement=scored.label_index == cloud.validation_logits.argmax(1),
     )
     return Calibration(signal=signal, aurocs=aurocs, routing=routing)
 

@@ -140,8 +140,13 @@ def routing_from_predictions(
     target_escalation: float | None = None,
     target_quality: float | None = None,
     extra: dict[str, Any] | None = None,
+    agreement: np.ndarray | None = None,
 ) -> RoutingSpec:
-    """Pick the threshold for one target on validation predictions and describe what it achieved."""
+    """Pick the threshold for one target on validation predictions and describe what it achieved.
+
+    `agreement` (per row: edge and cloud predict the same label) adds the share of the rows the edge
+    keeps on which the cloud agrees: the baseline the gateway's drift watch compares live traffic with.
+    """
     if (target_escalation is None) == (target_quality is None):
         raise ValueError("give exactly one of target_escalation or target_quality")
     if target_escalation is not None:
@@ -165,6 +170,10 @@ def routing_from_predictions(
         "cloud_accuracy": round(cloud_acc, 4),
         "quality_ratio": round(float(np.mean(cascade)) / cloud_acc, 4) if cloud_acc else None,
     }
+    if agreement is not None:
+        kept = ~escalate
+        calibration["confident_rows"] = int(kept.sum())
+        calibration["confident_agreement"] = share(np.asarray(agreement)[kept]) if kept.any() else None
     if extra:
         calibration.update(extra)
     return RoutingSpec(signal=signal, threshold=float(threshold), calibration=calibration)
@@ -214,6 +223,7 @@ def calibrate(
         cloud_labels == val.y,
         target_escalation=target_escalation,
         target_quality=target_quality,
+        agreement=edge_scored.label_index == cloud_labels,
         extra={
             key: manifest.routing.calibration[key] for key in ("signal_auroc",) if key in manifest.routing.calibration
         },
