@@ -106,8 +106,15 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from training.calibrate import calibrate
+    from training.calibrate import calibrate, calibrate_from_feedback
 
+    if args.feedback is not None:
+        if args.target_quality is None or args.target_escalation is not None:
+            print("--feedback takes --target-quality (agreement with the cloud on live traffic)", file=sys.stderr)
+            return 2
+        routing = calibrate_from_feedback(args.models, args.feedback, args.target_quality)
+        print(f"threshold {routing.threshold:.4f} on signal {routing.signal}: {routing.calibration}")
+        return 0
     if (args.target_escalation is None) == (args.target_quality is None):
         print("give exactly one of --target-escalation or --target-quality", file=sys.stderr)
         return 2
@@ -188,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--data", type=Path, default=None, help="the data the models were built from")
     cal.add_argument("--target-escalation", type=float, default=None, help="share of rows to escalate, e.g. 0.15")
     cal.add_argument("--target-quality", type=float, default=None, help="cascade accuracy relative to cloud, e.g. 0.99")
+    cal.add_argument(
+        "--feedback",
+        type=Path,
+        default=None,
+        help="re-pick the threshold on live traffic: the gateway's drift record (drift.record_path, with "
+        "drift.record_agreeing), with --target-quality",
+    )
     cal.set_defaults(handler=_calibrate)
 
     ev = commands.add_parser("eval", help="write the evaluation report (JSON, Markdown, PNG)")

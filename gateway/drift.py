@@ -3,8 +3,8 @@
 Off the request path: sampled rows wait in a bounded queue (dropped, and counted, when it is full)
 and a background task sends them to the reference tier in small batches. Agreement is kept over a
 sliding window of the latest comparisons, overall and per edge label. When it falls below the alarm
-level the watch logs one warning and raises a gauge; disagreeing rows are appended to a JSON-lines
-file that `tiergate calibrate --feedback` reads.
+level the watch logs one warning and raises a gauge. Disagreeing rows (and, if asked, agreeing ones)
+are appended to a JSON-lines file that `tiergate calibrate --feedback` reads.
 """
 
 from __future__ import annotations
@@ -212,9 +212,11 @@ class DriftWatch:
             self.window.add(comparison)
         self._metrics.drift_compared.labels(model=self.model).inc(len(comparisons))
         self._update_gauges()
-        disagreements = [(s, c) for s, c in zip(batch, comparisons, strict=True) if not c.agree]
-        if disagreements and self._record is not None:
-            await asyncio.to_thread(self._append, disagreements)
+        recorded = [
+            (s, c) for s, c in zip(batch, comparisons, strict=True) if self.settings.record_agreeing or not c.agree
+        ]
+        if recorded and self._record is not None:
+            await asyncio.to_thread(self._append, recorded)
 
     def _update_gauges(self) -> None:
         agreement = self.window.agreement()
@@ -250,6 +252,7 @@ class DriftWatch:
                 "edge_label": comparison.edge_label,
                 "cloud_label": comparison.cloud_label,
                 "edge_confidence": round(comparison.confidence, 6),
+                "agree": comparison.agree,
             }
             if self.settings.record_text:
                 record["text"] = sample.text

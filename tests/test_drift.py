@@ -149,3 +149,50 @@ def test_the_build_records_the_agreement_the_alarm_is_measured_against(tiny_mode
     calibration = load_manifest(tiny_models, verify=False).routing.calibration
     assert 0.5 < calibration["confident_agreement"] <= 1.0
     assert 0 < calibration["confident_rows"] <= calibration["rows"]
+
+
+def test_feedback_threshold_escalates_the_fewest_rows_that_reach_the_target() -> None:
+    from training.calibrate import FeedbackRow, threshold_from_feedback
+
+    rows = [FeedbackRow(c, a) for c, a in [(0.55, False), (0.6, True), (0.65, False), (0.8, True), (0.9, True)]]
+    # Agreement now 3/5; escalating the three least confident rows makes it 5/5, two of them 4/5.
+    threshold, details = threshold_from_feedback(0.5, rows, target_quality=1.0)
+    assert 0.65 < threshold < 0.8 and details["live_agreement_after"] == 1.0
+    assert details["live_agreement_before"] == 0.6 and details["added_escalation_of_confident_rows"] == 0.6
+    threshold, details = threshold_from_feedback(0.5, rows, target_quality=0.8)
+    assert 0.55 < threshold < 0.6 and details["live_agreement_after"] == 0.8
+    # Never lower than today's threshold: feedback only ever sees rows above it.
+    assert threshold_from_feedback(0.95, rows, target_quality=0.5)[0] == 0.95
+    with pytest.raises(ValueError, match="only one kind of row"):
+        threshold_from_feedback(0.5, [FeedbackRow(0.7, False)] * 3, target_quality=0.9)
+
+
+async def test_calibrate_feedback_re_picks_the_threshold_on_recorded_live_traffic(
+    start_stack: StackFactory, tiny_models: Path, tiny_rows: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    import shutil
+
+    from tiergate.manifest import load_manifest
+    from training.calibrate import calibrate_from_feedback
+
+    record = tmp_path / "drift.jsonl"
+    stack = await start_stack(drift=watching(record, record_agreeing=True))
+    shifted = generate_shifted_demo_texts(150, seed=3, n_labels=TINY_LABELS)
+    await replay(stack, [text for text, _ in tiny_rows] + shifted, 230)
+    lines = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()]
+    assert {line["agree"] for line in lines} == {True, False}
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models, models)
+    before = load_manifest(models).routing
+    routing = calibrate_from_feedback(models, record, target_quality=0.95)
+    assert routing.threshold > before.threshold
+    assert routing.calibration["live_agreement_after"] >= 0.95 > routing.calibration["live_agreement_before"]
+    assert routing.calibration["validation"] == before.calibration
+    assert load_manifest(models).routing == routing, "the manifest (checksums unchanged) carries the new threshold"
+
+    # A record of disagreements alone cannot re-pick anything, and says what to record instead.
+    only = tmp_path / "disagreements.jsonl"
+    only.write_text("".join(json.dumps(line) + "\n" for line in lines if not line["agree"]) * 10, encoding="utf-8")
+    with pytest.raises(ValueError, match="record_agreeing"):
+        calibrate_from_feedback(models, only, target_quality=0.95)

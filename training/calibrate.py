@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tiergate.constants import MODEL_NAME
 from tiergate.manifest import RoutingSpec, load_manifest, with_routing, write_manifest
 from tiergate.scoring import SIGNALS, confidence_from_probs, score, softmax
 from training.measure import batched_logits, share
@@ -237,4 +239,84 @@ def calibrate(
         routing.calibration["achieved_escalation"],
         len(val),
     )
+    return routing
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One drift-watch record: a confident edge answer and whether the cloud agreed with it."""
+
+    confidence: float
+    agree: bool
+
+
+def read_feedback(path: Path, model: str, version: str) -> list[FeedbackRow]:
+    """The records of `path` for this model and version (others are skipped: they came from other models)."""
+    rows: list[FeedbackRow] = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if record.get("model") != model or record.get("model_version") != version:
+                    continue
+                agree = record.get("agree", record["edge_label"] == record["cloud_label"])
+                rows.append(FeedbackRow(float(record["edge_confidence"]), bool(agree)))
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: not a drift-watch record ({error})") from None
+    return rows
+
+
+def threshold_from_feedback(
+    threshold: float, rows: list[FeedbackRow], target_quality: float
+) -> tuple[float, dict[str, Any]]:
+    """The least threshold (no lower than `threshold`) at which the cascade agrees with the cloud on at least
+    `target_quality` of the live confident rows: rows under it would be escalated, so they agree by definition."""
+    if not 0.0 < target_quality <= 1.0:
+        raise ValueError(f"--target-quality must be within (0, 1], got {target_quality}")
+    if not any(row.agree for row in rows) or all(row.agree for row in rows):
+        raise ValueError(
+            "the feedback holds only one kind of row; re-picking a threshold needs the rows the cloud agreed with "
+            "and the ones it did not: record both (gateway drift.record_agreeing = true)"
+        )
+    confidence = np.array([row.confidence for row in rows])
+    agree = np.array([row.agree for row in rows])
+    order = np.argsort(confidence, kind="mergesort")
+    confidence, agree = confidence[order], agree[order]
+    n = len(rows)
+    # Escalating the k least confident rows: agreement = (k + agreeing rows among the rest) / n.
+    kept_agreeing = np.concatenate([np.cumsum(agree[::-1])[::-1], [0]])
+    achieved = (np.arange(n + 1) + kept_agreeing) / n
+    k = int(np.argmax(achieved >= target_quality - 1e-12))
+    new = max(threshold, _cut(confidence, k))
+    escalated = float(np.mean(confidence < new))
+    return new, {
+        "target": {"kind": "live_quality", "value": float(target_quality)},
+        "split": "feedback",
+        "rows": n,
+        "previous_threshold": float(threshold),
+        "live_agreement_before": round(float(np.mean(agree)), 4),
+        "live_agreement_after": round(float(achieved[k]), 4),
+        "added_escalation_of_confident_rows": round(escalated, 4),
+    }
+
+
+def calibrate_from_feedback(model_dir: Path, feedback: Path, target_quality: float, min_rows: int = 50) -> RoutingSpec:
+    """Raise the threshold until the cascade agrees with the cloud on `target_quality` of the live confident rows
+    the drift watch recorded, and store it (with what the calibration on validation said) in the manifest."""
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir, verify=False)
+    rows = read_feedback(feedback, MODEL_NAME, manifest.version)
+    if len(rows) < min_rows:
+        raise ValueError(
+            f"{feedback} holds {len(rows)} records for model version {manifest.version}; at least {min_rows} are needed"
+        )
+    threshold, details = threshold_from_feedback(manifest.routing.threshold, rows, target_quality)
+    previous = manifest.routing.calibration
+    validation = previous.get("validation", previous)
+    # The drift alarm keeps measuring against the agreement seen on validation.
+    calibration = {**details, "validation": validation, "confident_agreement": validation.get("confident_agreement")}
+    routing = RoutingSpec(signal=manifest.routing.signal, threshold=float(threshold), calibration=calibration)
+    write_manifest(model_dir, with_routing(manifest, routing))
     return routing
