@@ -31,6 +31,8 @@ class RowAnswer:
     confidence: float
     tier: str
     reasons: tuple[Reason, ...] = ()
+    # Every tier that ran this row, in order (an escalated row ran at each tier it passed).
+    ran: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,6 @@ class CascadeResult:
     rows: list[RowAnswer]
     # True when a later tier failed and earlier answers were returned in its place.
     degraded: bool = False
-    # Rows each tier ran, by tier name: an escalated row counts at every tier it passed.
-    processed: dict[str, int] = field(default_factory=dict)
 
     def rows_by_tier(self) -> dict[str, int]:
         """Rows answered, by the tier that answered them."""
@@ -57,6 +57,7 @@ class _Row:
     reasons: list[Reason] = field(default_factory=list)
     answer: Prediction | None = None
     tier: str = ""
+    ran: list[str] = field(default_factory=list)
 
 
 class Cascade:
@@ -79,12 +80,10 @@ class Cascade:
         for text, heavy in zip(texts, self.policy.heavy_reasons(texts, hint), strict=True):
             rows.append(_Row(text=text, start=last if heavy else 0, reasons=list(heavy)))
         degraded = False
-        processed: Counter[str] = Counter()
         for level, tier in enumerate(self.tiers):
             pending = self._route(rows, level, hint) if level > 0 else [row for row in rows if row.start == 0]
             if not pending:
                 continue
-            processed[tier.name] += len(pending)
             try:
                 answers = await tier.predict([row.text for row in pending], deadline)
             except (TierUnavailableError, TierDeadlineError) as error:
@@ -94,14 +93,18 @@ class Cascade:
                     "tier %s failed (%s); answering %d rows from earlier tiers", tier.name, error, len(pending)
                 )
                 degraded = True
-                processed[self.tiers[0].name] += await self._fall_back(pending, level, deadline)
+                await self._fall_back(pending, level, deadline)
                 break
             for row, answer in zip(pending, answers, strict=True):
                 row.answer, row.tier = answer, tier.name
+                row.ran.append(tier.name)
         return CascadeResult(
-            rows=[RowAnswer(r.answer.label, r.answer.confidence, r.tier, tuple(r.reasons)) for r in rows if r.answer],
+            rows=[
+                RowAnswer(r.answer.label, r.answer.confidence, r.tier, tuple(r.reasons), tuple(r.ran))
+                for r in rows
+                if r.answer
+            ],
             degraded=degraded,
-            processed=dict(processed),
         )
 
     def _route(self, rows: list[_Row], level: int, hint: Hint) -> list[_Row]:
@@ -129,7 +132,7 @@ class Cascade:
     def _climbs(self, row: _Row, hint: Hint) -> bool:
         return row.answer is not None and self.policy.escalates(row.answer.confidence, hint)
 
-    async def _fall_back(self, rows: list[_Row], failed_level: int, deadline: float | None) -> int:
+    async def _fall_back(self, rows: list[_Row], failed_level: int, deadline: float | None) -> None:
         # Rows that already hold an earlier tier's answer keep it; heavy rows that skipped the
         # earlier tiers are answered by the first tier, so no row of the batch is lost.
         for row in rows:
@@ -140,7 +143,7 @@ class Cascade:
             answers = await first.predict([row.text for row in missing], deadline)
             for row, answer in zip(missing, answers, strict=True):
                 row.answer, row.tier = answer, first.name
-        return len(missing) if failed_level > 0 else 0
+                row.ran.append(first.name)
 
 
 class TieredModel:
@@ -191,7 +194,7 @@ class TieredModel:
             )
         tiers = result.rows_by_tier()
         reasons = result.reason_counts()
-        cost = self.cost.price(result.processed, len(result.rows))
+        cost = self.cost.price([row.ran for row in result.rows])
         top_tier = max(tiers, key=lambda tier: self._order.get(tier, -1)) if tiers else ""
         self.metrics.answered(
             self.name,
@@ -213,7 +216,7 @@ class TieredModel:
                     "tiergate.degraded": result.degraded,
                     "tiergate.cost.spent": cost.spent,
                     "tiergate.cost.cloud_only": cost.cloud_only,
-                    "tiergate.cost.saved": cost.saved,
+                    "tiergate.cost.saved": cost.net_saved,
                     "tiergate.cost.currency": self.cost.currency,
                     **{f"tiergate.{tier}_rows": count for tier, count in tiers.items()},
                     **{f"tiergate.escalations.{reason}": count for reason, count in reasons.items()},

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Cost:
-    """The price of one request's tier work, and of the same rows sent straight to the last tier."""
+    """The price of one request's tier work, and of the same rows sent straight to the last tier.
+
+    Per row, tiering either saves (the edge answered: the cloud's price less the edge's) or overspends
+    (the edge ran, then the row escalated anyway: the edge's price). Both only grow, so both can be
+    counters; what tiering saved in all is their difference, `cloud_only - spent`.
+    """
 
     spent: float
     cloud_only: float
+    saved: float = 0.0
+    overspent: float = 0.0
 
     @property
-    def saved(self) -> float:
-        """Negative when escalations cost more than the edge saved (an escalated row is paid twice)."""
-        return self.cloud_only - self.spent
+    def net_saved(self) -> float:
+        return self.saved - self.overspent
 
 
 class CostModel:
@@ -31,7 +37,15 @@ class CostModel:
         self.reference_tier = reference_tier
         self.currency = currency
 
-    def price(self, processed: Mapping[str, int], rows: int) -> Cost:
-        """`processed`: rows each tier ran (escalated rows count at every tier they passed)."""
-        spent = sum(self._per_row.get(tier, 0.0) * count for tier, count in processed.items())
-        return Cost(spent=spent, cloud_only=self._per_row[self.reference_tier] * rows)
+    def price(self, ran: Sequence[Sequence[str]]) -> Cost:
+        """`ran`: per row, the tiers that ran it (an escalated row is paid at each)."""
+        reference = self._per_row[self.reference_tier]
+        spent = saved = overspent = 0.0
+        for tiers in ran:
+            row = sum(self._per_row.get(tier, 0.0) for tier in tiers)
+            spent += row
+            if row <= reference:
+                saved += reference - row
+            else:
+                overspent += row - reference
+        return Cost(spent=spent, cloud_only=reference * len(ran), saved=saved, overspent=overspent)

@@ -72,7 +72,19 @@ class GatewayMetrics:
         )
         self.cost_cloud_only = Counter(
             "tiergate_cost_cloud_only_total",
-            "What the same rows would have cost sent straight to the last tier; saved = this - spent.",
+            "What the same rows would have cost sent straight to the last tier.",
+            ["model", "currency"],
+            registry=r,
+        )
+        self.cost_saved = Counter(
+            "tiergate_cost_saved_total",
+            "What rows the edge answered saved against the last tier's price.",
+            ["model", "currency"],
+            registry=r,
+        )
+        self.cost_overspent = Counter(
+            "tiergate_cost_overspent_total",
+            "The edge's price of rows that escalated anyway; net saving = saved - overspent = cloud_only - spent.",
             ["model", "currency"],
             registry=r,
         )
@@ -146,6 +158,8 @@ class GatewayMetrics:
             self.degraded.labels(model=model).inc()
         self.cost_spent.labels(model=model, currency=currency).inc(cost.spent)
         self.cost_cloud_only.labels(model=model, currency=currency).inc(cost.cloud_only)
+        self.cost_saved.labels(model=model, currency=currency).inc(cost.saved)
+        self.cost_overspent.labels(model=model, currency=currency).inc(cost.overspent)
 
     def rpc_failed(self, method: str, code: str) -> None:
         self.rpc_errors.labels(method=method, code=code).inc()

@@ -68,6 +68,8 @@ async def test_counters_follow_edge_answers_and_escalations(
     cloud_only = moved("tiergate_cost_cloud_only_total", model=MODEL_NAME, currency="USD")
     assert spent == pytest.approx((3 * 0.002 + 1 * 0.40) / 1000)
     assert cloud_only == pytest.approx(4 * 0.40 / 1000)
+    assert moved("tiergate_cost_saved_total", model=MODEL_NAME, currency="USD") == pytest.approx(3 * 0.398 / 1000)
+    assert moved("tiergate_cost_overspent_total", model=MODEL_NAME, currency="USD") == 0
     info = [key for key in after if key[0] == "tiergate_model_info"]
     assert len(info) == 1 and ("chain", "edge,cloud") in info[0][1] and ("model", MODEL_NAME) in info[0][1]
 
@@ -88,6 +90,10 @@ async def test_low_confidence_escalation_is_counted(
     assert value(after, "tiergate_cost_spent_total", model=MODEL_NAME, currency="USD") > value(
         after, "tiergate_cost_cloud_only_total", model=MODEL_NAME, currency="USD"
     )
+    assert value(after, "tiergate_cost_overspent_total", model=MODEL_NAME, currency="USD") == pytest.approx(
+        2 * 0.002 / 1000
+    )
+    assert value(after, "tiergate_cost_saved_total", model=MODEL_NAME, currency="USD") == 0
 
 
 async def test_degraded_answers_and_hop_errors_are_counted(start_stack: StackFactory) -> None:
