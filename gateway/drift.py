@@ -3,7 +3,7 @@
 Off the request path: sampled rows wait in a bounded queue (dropped, and counted, when it is full)
 and a background task sends them to the reference tier in small batches. Agreement is kept over a
 sliding window of the latest comparisons, overall and per edge label. When it falls below the alarm
-level the watch logs one warning and raises a gauge. Disagreeing rows (and, if asked, agreeing ones)
+level the watch logs one warning and raises a gauge. Disagreeing rows (and, unless told not to, agreeing ones)
 are appended to a JSON-lines file that `tiergate calibrate --feedback` reads.
 """
 

@@ -23,7 +23,13 @@ WINDOW = 100
 
 def watching(record: Path | None = None, **overrides: object) -> DriftSettings:
     settings = DriftSettings(
-        sample_rate=1.0, window=WINDOW, min_samples=60, alarm_agreement=0.8, batch_rows=16, record_path=record
+        sample_rate=1.0,
+        window=WINDOW,
+        min_samples=60,
+        alarm_agreement=0.8,
+        batch_rows=16,
+        record_path=record,
+        record_agreeing=False,
     )
     for name, setting in overrides.items():
         setattr(settings, name, setting)

@@ -113,9 +113,9 @@ class DriftSettings:
     record_path: Path | None = None
     # Keep the row's text in the record (otherwise only its sha256).
     record_text: bool = False
-    # Record the rows the cloud agreed with too (flagged "agree": true). `tiergate calibrate --feedback`
-    # needs both kinds to re-pick the threshold on live traffic.
-    record_agreeing: bool = False
+    # Record the rows the cloud agreed with too; each line says "agree": true or false. `tiergate calibrate
+    # --feedback` needs both kinds to re-pick the threshold on live traffic; false keeps disagreements only.
+    record_agreeing: bool = True
 
 
 @dataclass
