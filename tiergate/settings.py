@@ -119,6 +119,75 @@ class DriftSettings:
 
 
 @dataclass
+class ReplaySettings:
+    """Freshness and replay guard for sealed envelopes (the cloud on requests, the gateway on responses)."""
+
+    # An envelope issued further than this from the receiver's clock, either way, is stale.
+    skew_s: float = 30.0
+    # (key id, nonce) and request ids seen inside the skew window are remembered in a bounded cache;
+    # when it is full the receiver answers RESOURCE_EXHAUSTED rather than forget one early.
+    max_entries: int = 200_000
+
+
+@dataclass
+class TlsSettings:
+    """TLS for one side of a connection: PEM files. A server with `ca` set verifies client certificates."""
+
+    # The CA that signs the peer's certificate (a server: clients' certificates; a client: the server's).
+    ca: Path | None = None
+    # This side's certificate chain and private key.
+    cert: Path | None = None
+    key: Path | None = None
+    # A server refuses clients without a certificate signed by `ca`.
+    require_client_cert: bool = False
+    # A client checks the server's certificate for this name (default: the target's host). For tests.
+    server_name: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.cert is not None or self.ca is not None
+
+
+@dataclass
+class AuthSettings:
+    """Client authentication at the public port: bearer tokens from a token file, or mTLS subjects."""
+
+    enabled: bool = False
+    # JSON token file written by `tiergate tokens add` (sha256 of each token, never the token).
+    tokens_path: Path | None = None
+    # RPCs callable without a token.
+    exempt_health: bool = True
+    exempt_reflection: bool = True
+    # With client certificates on the public port, a certificate whose subject CN names a client in the
+    # token file identifies that client without a token.
+    allow_cert_subjects: bool = False
+
+
+@dataclass
+class AuditSettings:
+    """The hash-chained audit log: one JSON line per request, never payloads, tokens or keys."""
+
+    # None: no audit log.
+    path: Path | None = None
+    # Rotate to PATH.1, PATH.2, ... once the file reaches this size; the chain continues across files.
+    max_bytes: int = 64 * 1024 * 1024
+    backups: int = 10
+
+
+@dataclass
+class PolicySettings:
+    """What may not leave the private side: applied on the gateway to every row before it is sealed."""
+
+    # redact: matches are replaced by a typed placeholder before sealing;
+    # keep_private: a matching row is never escalated (reason private_data).
+    action: str = "redact"
+    # Kinds of personal data to look for (email, phone, card, postcode); empty turns the policy off.
+    kinds: list[str] = field(default_factory=lambda: ["email", "phone", "card", "postcode"])
+    # Request parameters that may be forwarded to the cloud (none by default).
+    forward_parameters: list[str] = field(default_factory=list)
+
+
+@dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8001
@@ -137,6 +206,18 @@ class GatewaySettings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cost: CostSettings = field(default_factory=CostSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
+    # A key directory written by `tiergate keys init` fills in the keyring, the hop's TLS files and the
+    # token file (see tiergate.keys.apply_key_dir); explicit settings win.
+    keys_dir: Path | None = None
+    # The hop to the cloud: mTLS with these files; plaintext only with hop_insecure = true (logs a warning).
+    hop_tls: TlsSettings = field(default_factory=TlsSettings)
+    hop_insecure: bool = False
+    # The public OIP port: plaintext unless a certificate is given.
+    public_tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
 
 
 @dataclass
@@ -152,6 +233,12 @@ class CloudSettings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(port=8102))
+    keys_dir: Path | None = None
+    # The serving port: mTLS (client certificates required) with these files; plaintext only with insecure = true.
+    tls: TlsSettings = field(default_factory=lambda: TlsSettings(require_client_cert=True))
+    insecure: bool = False
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
 
 
 @dataclass
