@@ -41,6 +41,7 @@ class CloudServer:
             limits=settings.limits,
             tracer=self.tracing.tracer,
             metrics=self.metrics,
+            replay=settings.replay,
         )
 
         def register(server: grpc.aio.Server) -> list[str]:

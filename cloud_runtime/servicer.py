@@ -1,10 +1,12 @@
-"""The cloud tier's gRPC servicer: open the sealed request, run the full model, seal the answer."""
+"""The cloud tier's gRPC servicer: open the sealed request, refuse stale or replayed ones, run the full model, seal
+the answer."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import time
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
@@ -16,8 +18,12 @@ from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import InvalidInputError, ModelNotFoundError, RequestTooLargeError, SealError
 from tiergate.logs import REQUEST_ID
-from tiergate.settings import LimitSettings
+from tiergate.replay import ReplayGuard
+from tiergate.settings import LimitSettings, ReplaySettings
 from tiergate.telemetry import annotate_server_span, timed_span
+
+# Longest request id kept for logs and spans.
+MAX_REQUEST_ID_CHARS = 128
 
 
 class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
@@ -33,7 +39,11 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         limits: LimitSettings,
         tracer: trace.Tracer | None = None,
         metrics: CloudMetrics | None = None,
+        replay: ReplaySettings | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`replay` sizes the freshness window and seen-set (defaults: `ReplaySettings()`); `clock` is the wall
+        clock that window is measured on."""
         self._model = model
         self._sealer = sealer
         self._model_name = model_name
@@ -43,6 +53,7 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         self.bound: tuple[str, int] = ("", 0)
         self._model_version = model_version
         self._limits = limits
+        self._guard = ReplayGuard(replay, clock=clock)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
 
     def _check(self, request: cloud_pb2.CloudInferRequest) -> list[str]:
@@ -73,15 +84,29 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
     ) -> cloud_pb2.Envelope:
         started = time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID_METADATA, "-"))[:128]
+        # The clear metadata names the request until the envelope is open; then the sealed id replaces it.
+        request_id = str(metadata.get(REQUEST_ID_METADATA, "-"))[:MAX_REQUEST_ID_CHARS]
         REQUEST_ID.set(request_id)
-        annotate_server_span(context, *self.bound).set_attribute("tiergate.request_id", request_id)
+        server_span = annotate_server_span(context, *self.bound)
+        server_span.set_attribute("tiergate.request_id", request_id)
         try:
             with timed_span(self._tracer, "tiergate.open", {"tiergate.envelope.bytes": request.ByteSize()}):
+                # Authenticate first, then freshness and replay: a forged envelope fails here and is never
+                # remembered, so forgeries cannot fill the replay cache or evict genuine entries.
                 plain = self._sealer.open(request, cloud_pb2.CloudInferRequest, direction="request")
+                # Every opened envelope is remembered, answered or not. A gateway retry resends the identical
+                # envelope; the channel retries UNAVAILABLE only, which normally comes before this servicer runs.
+                # If an attempt did get here (its answer then lost on the way back, say), the retry is refused
+                # as replayed: UNAUTHENTICATED, not retried, the gateway answers those rows from the edge. The
+                # model never runs one sealed request twice; a lost answer costs one degraded response.
+                self._guard.check(request)
         except SealError as error:
             self._metrics.envelope_rejections.labels(cause=error.cause).inc()
             raise
+        if plain.gateway_request_id:
+            request_id = plain.gateway_request_id[:MAX_REQUEST_ID_CHARS]
+            REQUEST_ID.set(request_id)
+            server_span.set_attribute("tiergate.request_id", request_id)
         texts = self._check(plain)
         loop = asyncio.get_running_loop()
         self._metrics.batch_rows.labels(model=self._model_name).observe(len(texts))

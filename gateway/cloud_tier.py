@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -17,10 +18,16 @@ from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError
 from tiergate.logs import REQUEST_ID
+from tiergate.replay import FreshnessCheck
+from tiergate.settings import ReplaySettings
 from tiergate.telemetry import timed_span
 
 # Retries are the channel's job, declared here rather than hand-rolled. Only UNAVAILABLE is
-# retried: the call then never reached the servicer, so no sealed request is processed twice.
+# retried: the call then normally never reached the servicer. A retry resends the identical
+# sealed envelope (same nonce, request id and issue time); should an attempt have reached the
+# servicer after all, the cloud's replay guard refuses the retry as replayed (UNAUTHENTICATED,
+# not retried) and the rows get the edge's answer, so no sealed request is processed twice.
+# The backoffs stay far inside the replay window (replay.skew_s), so a retry is never stale.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -56,13 +63,19 @@ class CloudTier:
         tracer: trace.Tracer | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         metrics: GatewayMetrics | None = None,
+        replay: ReplaySettings | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`replay.skew_s` is the freshness window for responses (default `ReplaySettings()`), measured on
+        `clock`."""
         self.name = name
         self._sealer = sealer
         self._model_name = model_name
         self._timeout_s = timeout_s
         self._tracer = tracer or trace.NoOpTracer()
         self._metrics = metrics or GatewayMetrics()
+        # Responses need no seen-set: each carries the hop id of the one call it answers, a fresh uuid.
+        self._freshness = FreshnessCheck((replay or ReplaySettings()).skew_s, clock=clock)
         self._channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -86,7 +99,12 @@ class CloudTier:
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
         timeout = self._timeout(deadline)
         hop_id = uuid.uuid4().hex
-        plain = cloud_pb2.CloudInferRequest(model_name=self._model_name, texts=list(texts))
+        # The gateway's request id rides sealed too, so one id joins both tiers' logs; the clear metadata stays
+        # for tracing and for the cloud's records of envelopes it cannot open.
+        gateway_request_id = REQUEST_ID.get()
+        plain = cloud_pb2.CloudInferRequest(
+            model_name=self._model_name, texts=list(texts), gateway_request_id=gateway_request_id
+        )
         with timed_span(self._tracer, "tiergate.seal", {"tiergate.tier": self.name}) as span:
             envelope = self._sealer.seal(plain, request_id=hop_id, direction="request")
             span.set_attributes(
@@ -94,7 +112,7 @@ class CloudTier:
             )
         try:
             reply = await self._stub.Infer(
-                envelope, timeout=timeout, metadata=((REQUEST_ID_METADATA, REQUEST_ID.get()),)
+                envelope, timeout=timeout, metadata=((REQUEST_ID_METADATA, gateway_request_id),)
             )
         except grpc.aio.AioRpcError as error:
             self._metrics.hop_errors.labels(tier=self.name, code=error.code().name).inc()
@@ -107,6 +125,8 @@ class CloudTier:
                 if reply.request_id != hop_id:
                     raise SealError("cloud response carries another request id", cause="wrong_request_id")
                 response = self._sealer.open(reply, cloud_pb2.CloudInferResponse, direction="response")
+                # Only once it authenticated is issued_at the cloud's own.
+                self._freshness.check(reply)
         except SealError as error:
             self._metrics.envelope_rejections.labels(tier=self.name, cause=error.cause).inc()
             raise TierUnavailableError(f"cloud response rejected: {error}") from None

@@ -81,6 +81,7 @@ def build_tiers(
                     tracer=tracing.tracer,
                     interceptors=tracing.client_interceptors(settings.cloud_target),
                     metrics=metrics,
+                    replay=settings.replay,
                 )
             )
         else:

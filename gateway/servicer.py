@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from gateway.auth import authorize, current_client_name
 from gateway.cascade import TieredModel
 from gateway.codec import decode_request, encode_metadata, encode_response
 from proto.inference import grpc_service_pb2 as pb
@@ -16,7 +17,8 @@ from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate import __version__
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.errors import ModelNotFoundError, NotReadyError
-from tiergate.logs import REQUEST_ID
+from tiergate.logs import NO_REQUEST_ID, REQUEST_ID
+from tiergate.rpc import audit_detail
 from tiergate.settings import LimitSettings
 from tiergate.telemetry import annotate_server_span
 
@@ -47,6 +49,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.bound: tuple[str, int] = ("", 0)
 
     def _model(self, name: str, version: str) -> TieredModel:
+        # Permission first, so a client learns nothing of the models it may not call.
+        authorize(name)
+        audit_detail(client=current_client_name(), model=name)
         model = self._models.get(name)
         if model is None:
             served = ", ".join(sorted(self._models)) or "none"
@@ -85,15 +90,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: _Context[pb.ModelInferRequest, pb.ModelInferResponse]
     ) -> pb.ModelInferResponse:
-        request_id = request_id_of(context)
-        REQUEST_ID.set(request_id)
+        request_id = REQUEST_ID.get()
+        if request_id == NO_REQUEST_ID:  # not audited: no interceptor named this call
+            request_id = request_id_of(context)
+            REQUEST_ID.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
         annotate_server_span(context, *self.bound).set_attribute("tiergate.request_id", request_id)
         model = self._model(request.model_name, request.model_version)
         if self.draining:
             raise NotReadyError("the gateway is shutting down; retry on another instance")
         batch = decode_request(request, self._limits)
+        audit_detail(version=model.version, rows=len(batch.texts))
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         result = await model.infer(batch.texts, batch.hint, deadline)
+        audit_detail(tiers=result.rows_by_tier(), reasons=result.reason_counts(), degraded=result.degraded)
         return encode_response(batch, result, model_name=model.name, model_version=model.version)

@@ -20,6 +20,9 @@ from tiergate.rpc import INTERNAL_MESSAGE, status_for
         (errors.TierUnavailableError("bad"), grpc.StatusCode.UNAVAILABLE),
         (errors.TierDeadlineError("bad"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (errors.SealError("bad"), grpc.StatusCode.UNAUTHENTICATED),
+        (errors.ReplayCacheFullError("bad"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.AuthenticationError("bad"), grpc.StatusCode.UNAUTHENTICATED),
+        (errors.PermissionDeniedError("bad"), grpc.StatusCode.PERMISSION_DENIED),
     ],
 )
 def test_error_classes_map_to_codes(error: errors.TiergateError, code: grpc.StatusCode) -> None:

@@ -23,6 +23,8 @@ from tiergate.errors import SealError
 ENVELOPE_VERSION = 1
 KEY_BYTES = 32
 NONCE_BYTES = 12
+# Longest piece of a sender's header text repeated in an error message.
+_ECHO_CHARS = 64
 
 Direction = Literal["request", "response"]
 M = TypeVar("M", bound=Message)
@@ -127,13 +129,23 @@ class Sealer:
         return envelope
 
     def open(self, envelope: cloud_pb2.Envelope, message_type: type[M], *, direction: Direction) -> M:
+        """Authenticate and decrypt; raise `SealError` (cause `malformed`, `unknown_key_id` or `tampered`).
+
+        Authentication only: whether the envelope is fresh and new is `tiergate.replay`'s to decide, after this.
+        """
         if envelope.version != ENVELOPE_VERSION:
-            raise SealError(f"unsupported envelope version {envelope.version}; expected {ENVELOPE_VERSION}")
+            raise SealError(
+                f"envelope is malformed (tampered or truncated): unsupported envelope version {envelope.version}; "
+                f"expected {ENVELOPE_VERSION}"
+            )
         cipher = self._ciphers.get(envelope.key_id)
         if cipher is None:
-            raise SealError(f"envelope sealed with unknown key id {envelope.key_id!r}", cause="unknown_key_id")
+            # The id is the sender's text: echo a bounded prefix of it only.
+            raise SealError(
+                f"envelope sealed with unknown key id {envelope.key_id[:_ECHO_CHARS]!r}", cause="unknown_key_id"
+            )
         if len(envelope.nonce) != NONCE_BYTES:
-            raise SealError("envelope nonce has the wrong length")
+            raise SealError("envelope is malformed (tampered or truncated): its nonce has the wrong length")
         try:
             plaintext = cipher.decrypt(envelope.nonce, envelope.ciphertext, _associated_data(envelope, direction))
         except InvalidTag:
@@ -144,5 +156,8 @@ class Sealer:
         try:
             message.ParseFromString(plaintext)
         except DecodeError:
-            raise SealError("envelope plaintext is not a valid message") from None
+            # Authentic but unparseable: the sender sealed something else; still refused before any use.
+            raise SealError(
+                "envelope is malformed (tampered or truncated): its plaintext is not a valid message"
+            ) from None
         return message

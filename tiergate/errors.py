@@ -27,8 +27,21 @@ class OverloadedError(TiergateError):
     """The server is saturated; the caller should back off and retry."""
 
 
+class ReplayCacheFullError(OverloadedError):
+    """The replay guard's seen-set is full of envelopes still inside the window; it refuses new ones rather
+    than forget those early (which would let them be replayed)."""
+
+
 class NotReadyError(TiergateError):
     """A model or server is not ready yet, or is draining."""
+
+
+class AuthenticationError(TiergateError):
+    """The caller did not prove who it is: no token, an unknown one, or malformed credentials."""
+
+
+class PermissionDeniedError(TiergateError):
+    """The caller is known but may not use what it asked for (a model outside its token's list)."""
 
 
 class TierUnavailableError(TiergateError):
@@ -40,10 +53,10 @@ class TierDeadlineError(TiergateError):
 
 
 class SealError(TiergateError):
-    """An envelope could not be opened: unknown key, tampering or bad format.
+    """An envelope was refused: unknown key, tampering, bad format, stale or replayed.
 
     `cause` is a short, bounded name for metrics and audit (`malformed`, `unknown_key_id`,
-    `tampered`, `wrong_request_id`); the message is the caller-facing sentence.
+    `tampered`, `wrong_request_id`, `stale`, `replayed`); the message is the caller-facing sentence.
     """
 
     def __init__(self, message: str, cause: str = "malformed") -> None:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import datetime
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from typing import Any, Protocol, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tiergate import errors
+from tiergate.logs import REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +26,13 @@ STATUS_TABLE: dict[type[errors.TiergateError], grpc.StatusCode] = {
     errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.RequestTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ReplayCacheFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.NotReadyError: grpc.StatusCode.UNAVAILABLE,
     errors.TierUnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.TierDeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.SealError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
@@ -101,13 +108,17 @@ class ManagedServer:
         *,
         max_message_bytes: int,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        inner_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         on_error: Callable[[str, str], None] | None = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
-        # `interceptors` run outside the error interceptor, so a tracing interceptor sees the status
-        # each exception was mapped to.
+        """`interceptors` run outside the error interceptor, so a tracing interceptor sees the status each
+        exception was mapped to; `inner_interceptors` (authentication) run inside it. `credentials`: TLS."""
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorInterceptor(on_error)], options=server_options(max_message_bytes)
+            interceptors=[*interceptors, ErrorInterceptor(on_error), *inner_interceptors],
+            options=server_options(max_message_bytes),
         )
+        self._credentials = credentials
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services = list(register(self.server))
@@ -115,9 +126,17 @@ class ManagedServer:
         reflection.enable_server_reflection(names, self.server)
         self.port = 0
 
+    @property
+    def secure(self) -> bool:
+        return self._credentials is not None
+
     async def start(self, host: str, port: int) -> int:
-        """Bind, start and mark every service SERVING; returns the bound port."""
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        """Bind (with TLS when credentials were given), start and mark every service SERVING; returns the port."""
+        address = f"{host}:{port}"
+        if self._credentials is not None:
+            self.port = self.server.add_secure_port(address, self._credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         await self.server.start()
@@ -142,3 +161,95 @@ class ManagedServer:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logger.info("signal received: draining")
+
+
+class AuditSink(Protocol):
+    """Where audit records go (the hash-chained `tiergate.audit.AuditLog`)."""
+
+    def write(self, record: Mapping[str, Any]) -> None: ...
+
+
+# What the handler of the current RPC adds to its audit line (model, rows, tiers, key id, ...).
+AUDIT_DETAILS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "tiergate_audit_details", default=None
+)
+
+
+def audit_detail(**fields: Any) -> None:
+    """Add fields to the current RPC's audit line (nothing happens outside an audited RPC)."""
+    details = AUDIT_DETAILS.get()
+    if details is not None:
+        details.update(fields)
+
+
+class AuditInterceptor(grpc.aio.ServerInterceptor):
+    """Writes one audit line per call of the audited methods: who, what, the status code and the latency.
+
+    It runs inside the error interceptor and outside authentication, so refused calls are audited too.
+    `request_id(context)` names each call; the id is also put where logs and the handler find it.
+    """
+
+    def __init__(
+        self,
+        sink: AuditSink,
+        methods: Collection[str],
+        request_id: Callable[[grpc.aio.ServicerContext[Any, Any]], str],
+    ) -> None:
+        self._sink = sink
+        self._methods = frozenset(methods)
+        self._request_id = request_id
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or method.rpartition("/")[2] not in self._methods:
+            return handler
+        behavior = cast(Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], handler.unary_unary)
+        sink, name, request_id = self._sink, method.rpartition("/")[2], self._request_id
+
+        async def audited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            REQUEST_ID.set(request_id(context))
+            details: dict[str, Any] = {}
+            AUDIT_DETAILS.set(details)
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as error:
+                code = status_for(error)[0]
+                raise
+            finally:
+                record = {
+                    "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                    "request_id": REQUEST_ID.get(),
+                    "method": name,
+                    **details,
+                    "status": code.name,
+                    "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+                }
+                try:
+                    sink.write(record)
+                except Exception:
+                    # An audit line that cannot be written is an operator's problem, not the caller's.
+                    logger.exception("audit line for %s could not be written", name)
+
+        return grpc.unary_unary_rpc_method_handler(
+            audited, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code: object = context.code()  # an int in some grpcio versions
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)

@@ -23,12 +23,14 @@ class Envelope(_message.Message):
     def __init__(self, version: _Optional[int] = ..., key_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., request_id: _Optional[str] = ..., issued_at_unix_ms: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class CloudInferRequest(_message.Message):
-    __slots__ = ("model_name", "texts")
+    __slots__ = ("model_name", "texts", "gateway_request_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    gateway_request_id: str
+    def __init__(self, model_name: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., gateway_request_id: _Optional[str] = ...) -> None: ...
 
 class CloudPrediction(_message.Message):
     __slots__ = ("label", "confidence")
