@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import onnxruntime
 
-from app.demo import LocalStack, _request, ensure_keyring, ensure_models, send_traffic
+from app.demo import LocalStack, _request, bearer, ensure_keys, ensure_models, send_traffic
 from app.otlp_sink import OtlpSink, ReceivedSpan
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
@@ -37,7 +37,7 @@ def _size_mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, requests: int, calls: int) -> int:
+def run_bench(models_dir: Path, data_dir: Path | None, keys_dir: Path, requests: int, calls: int) -> int:
     from training.data import heldout_examples
 
     ensure_models(models_dir, data_dir)
@@ -86,12 +86,12 @@ def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, reque
         f"edge fp32/int8 size {fp32[1] / int8[1]:.2f}x; cloud/edge-int8 size {cloud_row[1] / int8[1]:.1f}x"
     )
 
-    ensure_keyring(keyring_path)
+    token = ensure_keys(keys_dir)
     examples = [(text, "") for text in itertools.islice(itertools.cycle(texts), requests)]
-    with LocalStack(models_dir, keyring_path) as stack:
-        report = asyncio.run(send_traffic(stack.gateway_target, examples, concurrency=1))
+    with LocalStack(models_dir, keys_dir) as stack:
+        report = asyncio.run(send_traffic(stack.gateway_target, examples, concurrency=1, token=token))
         forced = examples[: max(50, requests // 10)]
-        hinted = asyncio.run(send_traffic(stack.gateway_target, forced, concurrency=1, hint="cloud"))
+        hinted = asyncio.run(send_traffic(stack.gateway_target, forced, concurrency=1, hint="cloud", token=token))
     print(
         "end to end through the gateway, sequential single-row requests "
         f"({len(report.outcomes)} auto, {len(hinted.outcomes)} forced to cloud):"
@@ -108,7 +108,7 @@ def run_bench(models_dir: Path, data_dir: Path | None, keyring_path: Path, reque
     edge_path, cloud_path = paths["edge (auto)"], paths["cloud (client hint)"]
     if edge_path and cloud_path:
         print(f"ratio: cloud-path/edge-path p50 {percentile(cloud_path, 0.5) / percentile(edge_path, 0.5):.1f}x")
-    traced_ok = bench_tracing_cost(models_dir, keyring_path, texts, rounds=requests)
+    traced_ok = bench_tracing_cost(models_dir, keys_dir, token, texts, rounds=requests)
     return 0 if not report.errors and not hinted.errors and traced_ok else 1
 
 
@@ -156,7 +156,7 @@ class Interleaved:
 
 
 async def send_interleaved(
-    targets: Sequence[str], texts: Sequence[str], rounds: int, warmup: int = WARMUP_ROUNDS
+    targets: Sequence[str], texts: Sequence[str], rounds: int, warmup: int = WARMUP_ROUNDS, token: str | None = None
 ) -> Interleaved:
     """`warmup` + `rounds` rounds of one sequential edge-hinted request to each target, the first target rotating."""
     result = Interleaved()
@@ -172,7 +172,7 @@ async def send_interleaved(
                 which = (index + turn) % len(stubs)
                 started = time.perf_counter()
                 try:
-                    reply = await stubs[which].ModelInfer(request, timeout=10.0)
+                    reply = await stubs[which].ModelInfer(request, timeout=10.0, metadata=bearer(token))
                 except grpc.aio.AioRpcError as error:
                     result.errors[error.code().name] += 1
                     continue
@@ -224,7 +224,7 @@ def tracing_cost_lines(
     return lines
 
 
-def bench_tracing_cost(models_dir: Path, keyring_path: Path, texts: Sequence[str], rounds: int) -> bool:
+def bench_tracing_cost(models_dir: Path, keys_dir: Path, token: str, texts: Sequence[str], rounds: int) -> bool:
     """Fast-path latency with tracing off, on at 1.0 and on at 0.1, side by side; False on request errors."""
     with OtlpSink() as sink:
         setups = tracing_setups(sink.endpoint)
@@ -236,8 +236,9 @@ def bench_tracing_cost(models_dir: Path, keyring_path: Path, texts: Sequence[str
             f"sequential, {rounds * len(setups)} timed requests; spans counted after the servers flush on stop"
         )
         with contextlib.ExitStack() as exits:
-            stacks = [exits.enter_context(LocalStack(models_dir, keyring_path, env=s.env)) for s in setups]
-            measured = asyncio.run(send_interleaved([stack.gateway_target for stack in stacks], texts, rounds))
+            stacks = [exits.enter_context(LocalStack(models_dir, keys_dir, env=s.env)) for s in setups]
+            targets = [stack.gateway_target for stack in stacks]
+            measured = asyncio.run(send_interleaved(targets, texts, rounds, token=token))
     for line in tracing_cost_lines(setups, measured, sink.spans, sent=rounds + WARMUP_ROUNDS):
         print(line)
     if measured.errors or measured.not_edge:

@@ -21,6 +21,9 @@ from tiergate.settings import (
     load_settings,
 )
 
+# `make run` and `make bench` make their own key directory here; `serve` never creates keys.
+DEMO_KEYS = Path("artifacts/keys/demo")
+
 # Commands whose own output tells the story: below WARNING, library and training logs would drown it.
 _QUIET_COMMANDS = frozenset({"demo", "bench"})
 
@@ -54,9 +57,14 @@ def _apply_server_flags(section: GatewaySettings | CloudSettings, args: argparse
         section.metrics.port = args.metrics_port
 
 
-async def _serve_gateway(args: argparse.Namespace) -> None:
-    from gateway.server import GatewayServer
-    from tiergate.envelope import Keyring
+def _key_error(error: Exception) -> int:
+    """A key or token file problem: one line on stderr saying what to do, no traceback."""
+    print(f"tiergate: error: {error}", file=sys.stderr)
+    return 2
+
+
+async def _serve_gateway(args: argparse.Namespace) -> int:
+    from tiergate.keys import KeyDirError, apply_key_dir, load_keyring
 
     settings = _settings(args).gateway
     _apply_server_flags(settings, args)
@@ -64,23 +72,127 @@ async def _serve_gateway(args: argparse.Namespace) -> None:
         settings.cloud_target = args.cloud
     if args.edge_only:
         settings.chain = ["edge"]
-    keyring = Keyring.load_or_create(settings.keyring_path) if "cloud" in settings.chain else None
-    server = GatewayServer(settings, keyring)
+    if args.keys is not None:
+        settings.keys_dir = args.keys
+    # Keys are checked before the server (and its model runtime) is even imported: a missing keyring
+    # fails in a moment, and is never created here (`tiergate keys init` does that).
+    try:
+        apply_key_dir(settings)
+        keyring = load_keyring(settings.keyring_path) if "cloud" in settings.chain else None
+    except KeyDirError as error:
+        return _key_error(error)
+
+    from gateway.server import GatewayServer
+
+    try:
+        server = GatewayServer(settings, keyring)
+    except ValueError as error:  # settings that cannot work together: say which, no traceback
+        return _key_error(error)
     port = await server.start()
     _write_ports(args.port_file, port, server.metrics_port)
     await server.serve_forever()
+    return 0
 
 
-async def _serve_cloud(args: argparse.Namespace) -> None:
-    from cloud_runtime.server import CloudServer
-    from tiergate.envelope import Keyring
+async def _serve_cloud(args: argparse.Namespace) -> int:
+    from tiergate.keys import KeyDirError, apply_key_dir, load_keyring
 
     settings = _settings(args).cloud
     _apply_server_flags(settings, args)
-    server = CloudServer(settings, Keyring.load_or_create(settings.keyring_path))
+    if args.keys is not None:
+        settings.keys_dir = args.keys
+    try:
+        apply_key_dir(settings)
+        keyring = load_keyring(settings.keyring_path)
+    except KeyDirError as error:
+        return _key_error(error)
+
+    from cloud_runtime.server import CloudServer
+
+    try:
+        server = CloudServer(settings, keyring)
+    except ValueError as error:
+        return _key_error(error)
     port = await server.start()
     _write_ports(args.port_file, port, server.metrics_port)
     await server.serve_forever()
+    return 0
+
+
+def _keys_init(args: argparse.Namespace) -> int:
+    from tiergate.keys import KeyDirError, init_key_dir
+
+    try:
+        directory = init_key_dir(
+            args.dir, cloud_names=args.cloud_name, gateway_names=args.gateway_name, days=args.days, force=args.force
+        )
+    except KeyDirError as error:
+        return _key_error(error)
+    print(f"wrote key directory {directory}: keyring, development CA, cloud and gateway certificates, token file")
+    print(f"serve with: tiergate serve cloud --keys {directory}  /  tiergate serve gateway --keys {directory}")
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from tiergate.keys import KeyDirError, activate_key, rotate_keyring
+
+    try:
+        if args.activate is not None:
+            key_id = activate_key(args.dir, args.activate or None)
+            print(f"key {key_id} now seals; envelopes sealed with the older keys still open")
+        elif args.stage:
+            key_id = rotate_keyring(args.dir, stage=True)
+            print(f"added key {key_id} (not sealing yet): once both tiers have loaded it, run")
+            print(f"  tiergate keys rotate {args.dir} --activate {key_id}")
+        else:
+            key_id = rotate_keyring(args.dir)
+            print(f"added key {key_id}, which now seals; envelopes sealed with the older keys still open")
+    except KeyDirError as error:
+        return _key_error(error)
+    return 0
+
+
+def _keys_client_cert(args: argparse.Namespace) -> int:
+    from tiergate.keys import KeyDirError, mint_client_cert
+
+    try:
+        cert, key = mint_client_cert(args.dir, args.name, days=args.days, force=args.force)
+    except KeyDirError as error:
+        return _key_error(error)
+    print(f"wrote {cert} and {key} (subject CN {args.name})")
+    return 0
+
+
+def _token_file(args: argparse.Namespace) -> Path:
+    from tiergate.keys import TOKENS_FILE
+
+    return Path(args.file) if args.file is not None else Path(args.keys) / TOKENS_FILE
+
+
+def _tokens_add(args: argparse.Namespace) -> int:
+    from tiergate import tokens
+
+    path = _token_file(args)
+    try:
+        token = tokens.add(path, args.name, args.models.split(","))
+    except tokens.TokenFileError as error:
+        return _key_error(error)
+    # The token alone on stdout, so `TOKEN=$(tiergate tokens add ...)` captures exactly it; it is stored nowhere.
+    print(f"added client {args.name} to {path}; its token follows, shown this once", file=sys.stderr)
+    print(token, flush=True)
+    return 0
+
+
+def _tokens_revoke(args: argparse.Namespace) -> int:
+    from tiergate import tokens
+
+    path = _token_file(args)
+    try:
+        tokens.revoke(path, args.name)
+    except tokens.TokenFileError as error:
+        return _key_error(error)
+    print(f"revoked client {args.name} in {path}; servers stop accepting its token once they reload the file")
+    return 0
 
 
 def _models_alternatives(args: argparse.Namespace) -> int:
@@ -142,7 +254,7 @@ def _demo(args: argparse.Namespace) -> int:
     options = DemoOptions(
         models_dir=args.models,
         data_dir=args.data,
-        keyring_path=args.keyring,
+        keys_dir=args.keys,
         requests=args.requests,
         concurrency=args.concurrency,
         log_format=args.log_format,
@@ -153,7 +265,90 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from app.bench import run_bench
 
-    return run_bench(args.models, args.data, args.keyring, requests=args.requests, calls=args.calls)
+    return run_bench(args.models, args.data, args.keys, requests=args.requests, calls=args.calls)
+
+
+def _add_key_commands(commands: argparse._SubParsersAction) -> None:
+    """`tiergate keys ...` and `tiergate tokens ...`."""
+    from tiergate import keys as keys_module
+
+    keys = commands.add_parser(
+        "keys",
+        help="create a key directory, rotate the sealing key, issue client certificates",
+        description=keys_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).add_subparsers(dest="action", required=True)
+    init = keys.add_parser(
+        "init",
+        help="write a key directory: keyring, development CA, cloud and gateway certificates, empty token file",
+    )
+    init.add_argument("dir", type=Path, metavar="DIR")
+    init.add_argument(
+        "--cloud-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address the gateway reaches the cloud by (repeatable; localhost, "
+        "tiergate-cloud and 127.0.0.1 are always in)",
+    )
+    init.add_argument(
+        "--gateway-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address for the gateway's certificate (repeatable)",
+    )
+    init.add_argument("--days", type=int, default=keys_module.DEFAULT_DAYS, help="certificate validity in days")
+    init.add_argument("--force", action="store_true", help="replace the files of an existing key directory")
+    init.set_defaults(handler=_keys_init)
+
+    rotate = keys.add_parser(
+        "rotate",
+        help="add a sealing key: at once, or in two steps (--stage, then --activate)",
+        description="Add a new sealing key to DIR/seal-keys.json (or to a keyring file). Without options it seals "
+        "at once: fine when both tiers read the same file. Across machines, roll out in two steps: --stage adds "
+        "the key everywhere first (both tiers load it, so either can open it); only then --activate makes it "
+        "seal. Older keys stay, so what they sealed still opens.",
+    )
+    rotate.add_argument("dir", type=Path, metavar="DIR", help="key directory, or a keyring file")
+    step = rotate.add_mutually_exclusive_group()
+    step.add_argument("--stage", action="store_true", help="step 1: add the new key without sealing with it")
+    step.add_argument(
+        "--activate",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="KEY_ID",
+        help="step 2: make KEY_ID (default: the newest key) the key that seals",
+    )
+    rotate.set_defaults(handler=_keys_rotate)
+
+    client = keys.add_parser(
+        "client-cert", help="issue a client certificate (subject CN NAME) signed by the key directory's CA"
+    )
+    client.add_argument("dir", type=Path, metavar="DIR")
+    client.add_argument("name", metavar="NAME", help="the client's name, as in the token file")
+    client.add_argument("--days", type=int, default=keys_module.DEFAULT_DAYS, help="validity in days")
+    client.add_argument("--force", action="store_true", help="replace an existing certificate for NAME")
+    client.set_defaults(handler=_keys_client_cert)
+
+    tokens = commands.add_parser("tokens", help="issue and revoke client tokens for the public port").add_subparsers(
+        dest="action", required=True
+    )
+    for action, handler, summary in (
+        ("add", _tokens_add, "add a client and print its new token, once, alone on stdout"),
+        ("revoke", _tokens_revoke, "remove a client; its token stops working when the servers reload the file"),
+    ):
+        sub = tokens.add_parser(action, help=summary, description=summary)
+        sub.add_argument("name", metavar="NAME", help="the client's name")
+        if action == "add":
+            sub.add_argument(
+                "--models", required=True, metavar="M[,M...]", help="models the client may call; '*' for all"
+            )
+        where = sub.add_mutually_exclusive_group(required=True)
+        where.add_argument("--keys", type=Path, metavar="DIR", help="the token file of this key directory")
+        where.add_argument("--file", type=Path, metavar="PATH", help="this token file")
+        sub.set_defaults(handler=handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,15 +421,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--metrics-port", type=int, default=None, help="Prometheus /metrics port (0 picks a free port)"
         )
+        sub.add_argument(
+            "--keys",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="key directory from `tiergate keys init`: keyring, TLS files"
+            + (" and token file" if name == "gateway" else "")
+            + "; explicit settings win",
+        )
         if name == "gateway":
             sub.add_argument("--cloud", default=None, help="cloud tier HOST:PORT")
             sub.add_argument("--edge-only", action="store_true", help="serve with the edge tier alone")
         sub.set_defaults(handler=lambda a, r=runner: asyncio.run(r(a)) or 0)
 
+    _add_key_commands(commands)
+
     demo = commands.add_parser("demo", help="build models if missing, start cloud + gateway, send traffic, summarise")
     demo.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     demo.add_argument("--data", type=Path, default=None, help="instacart-products directory (default: demo data)")
-    demo.add_argument("--keyring", type=Path, default=DEFAULT_KEYRING)
+    demo.add_argument("--keys", type=Path, default=DEMO_KEYS, help="key directory for the demo (created on first use)")
     demo.add_argument("--requests", type=int, default=3000)
     demo.add_argument("--concurrency", type=int, default=8)
     demo.set_defaults(handler=_demo)
@@ -244,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     bench.add_argument("--data", type=Path, default=None)
-    bench.add_argument("--keyring", type=Path, default=DEFAULT_KEYRING)
+    bench.add_argument(
+        "--keys", type=Path, default=DEMO_KEYS, help="key directory for the bench (created on first use)"
+    )
     bench.add_argument("--requests", type=int, default=2000, help="end-to-end requests")
     bench.add_argument("--calls", type=int, default=1000, help="timed batch-1 calls per model")
     bench.set_defaults(handler=_bench)

@@ -32,7 +32,6 @@ from tiergate.constants import (
     REASONS_PARAMETER,
     TIER_OUTPUT,
 )
-from tiergate.envelope import Keyring
 from tiergate.manifest import MANIFEST_NAME, Manifest, load_manifest
 from training.measure import percentile
 
@@ -89,10 +88,11 @@ class ServerProcess:
         return self.process.returncode
 
 
-def wait_serving(target: str, timeout_s: float = 30.0) -> None:
-    """Block until the server at `target` reports SERVING on grpc.health.v1."""
+def wait_serving(target: str, timeout_s: float = 30.0, credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Block until the server at `target` reports SERVING on grpc.health.v1 (over TLS with `credentials`)."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -106,6 +106,17 @@ def wait_serving(target: str, timeout_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+def hop_credentials(keys_dir: Path) -> grpc.ChannelCredentials:
+    """The gateway's side of the mutual TLS the cloud tier requires, from a key directory."""
+    from tiergate.keys import CA_CERT, GATEWAY_CERT, GATEWAY_KEY
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=(keys_dir / CA_CERT).read_bytes(),
+        private_key=(keys_dir / GATEWAY_KEY).read_bytes(),
+        certificate_chain=(keys_dir / GATEWAY_CERT).read_bytes(),
+    )
+
+
 class LocalStack:
     """Cloud and gateway processes on loopback, wired together; exit codes are set once stopped.
 
@@ -116,11 +127,13 @@ class LocalStack:
     def __init__(
         self,
         models_dir: Path,
-        keyring_path: Path,
+        keys_dir: Path,
         cli_options: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self._common = ["--models", str(models_dir), "--keyring", str(keyring_path)]
+        """`keys_dir` (from `ensure_keys`): mutual TLS on the hop, sealing keys, and the gateway's client tokens."""
+        self._common = ["--models", str(models_dir), "--keys", str(keys_dir)]
+        self._keys_dir = keys_dir
         self._cli_options = list(cli_options)
         self._env = dict(env or {})
         self.cloud_target = ""
@@ -137,7 +150,8 @@ class LocalStack:
             gateway = self._processes["gateway"] = ServerProcess(
                 ["gateway", *self._common, "--cloud", cloud.target], cli_options=self._cli_options, env=self._env
             )
-            wait_serving(cloud.target)
+            # The cloud serves mutual TLS only: ask it as the gateway would, with the gateway's certificate.
+            wait_serving(cloud.target, credentials=hop_credentials(self._keys_dir))
             wait_serving(gateway.target)
         except BaseException:
             self._stop()
@@ -160,7 +174,7 @@ class LocalStack:
 class DemoOptions:
     models_dir: Path
     data_dir: Path | None
-    keyring_path: Path
+    keys_dir: Path
     requests: int = 3000
     concurrency: int = 8
     log_format: str = "plain"  # the servers' log files
@@ -237,9 +251,14 @@ def _request(text: str, hint: str | None = None) -> pb.ModelInferRequest:
 
 
 async def send_traffic(
-    target: str, examples: Sequence[tuple[str, str]], concurrency: int, hint: str | None = None
+    target: str,
+    examples: Sequence[tuple[str, str]],
+    concurrency: int,
+    hint: str | None = None,
+    token: str | None = None,
 ) -> TrafficReport:
     """Send one single-row request per example with `concurrency` callers; bounded by the example count."""
+    metadata = bearer(token)
     report = TrafficReport()
     queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     for example in examples:
@@ -252,7 +271,7 @@ async def send_traffic(
                 text, label = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    reply = await stub.ModelInfer(_request(text, hint), timeout=10.0)
+                    reply = await stub.ModelInfer(_request(text, hint), timeout=10.0, metadata=metadata)
                 except grpc.aio.AioRpcError as error:
                     report.errors[error.code().name] += 1
                     continue
@@ -328,13 +347,27 @@ def _test_metrics_line(manifest: Manifest) -> str | None:
     )
 
 
-def ensure_keyring(path: Path) -> None:
-    """Create the sealing keyring both tiers read if there is none yet, or check that the one there reads."""
-    if path.exists():
-        Keyring.load(path)
-        return
-    Keyring.generate().save(path)
-    print(f"keys: created {path} (both servers read it)")
+DEMO_CLIENT = "demo"
+
+
+def ensure_keys(directory: Path) -> str:
+    """The demo's key directory (created on first use, as `tiergate keys init` would) and a fresh client token."""
+    from tiergate.keys import TOKENS_FILE, ensure_key_dir
+    from tiergate.tokens import TokenStore, add, revoke
+
+    created = not directory.exists()
+    ensure_key_dir(directory)
+    if created:
+        print(f"keys: created {directory} (development CA, mTLS certificates, sealing keyring, token file)")
+    tokens = directory / TOKENS_FILE
+    if TokenStore.load(tokens).get(DEMO_CLIENT) is not None:
+        revoke(tokens, DEMO_CLIENT)  # a new token per run: the last run's is not kept anywhere
+    return add(tokens, DEMO_CLIENT, ["*"])
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that presents `token`."""
+    return None if token is None else (("authorization", f"Bearer {token}"),)
 
 
 def run_demo(options: DemoOptions) -> int:
@@ -346,20 +379,24 @@ def run_demo(options: DemoOptions) -> int:
     manifest = load_manifest(options.models_dir, verify=False)
     if (line := _test_metrics_line(manifest)) is not None:
         print(line)
-    ensure_keyring(options.keyring_path)
+    token = ensure_keys(options.keys_dir)
     heldout = heldout_examples(options.models_dir, options.data_dir)
     if not heldout:
         print("traffic: the held-out split is empty", file=sys.stderr)
         return 1
     # Replay the held-out rows in order, cycling when there are fewer rows than requests.
     examples = list(itertools.islice(itertools.cycle(heldout), options.requests))
-    with LocalStack(options.models_dir, options.keyring_path, ["--log-format", options.log_format]) as stack:
+    with LocalStack(options.models_dir, options.keys_dir, ["--log-format", options.log_format]) as stack:
         print(f"servers: cloud on {stack.cloud_target}, gateway on {stack.gateway_target}")
+        print(
+            f"boundary: mutual TLS on the hop (development CA in {options.keys_dir}) under AES-256-GCM envelopes; "
+            f"client token {DEMO_CLIENT!r} on the public port"
+        )
         print(
             f"traffic: {len(examples)} requests over {len(heldout)} held-out rows of "
             f"{manifest.data.get('source')}, task {manifest.task}, {options.concurrency} callers"
         )
-        report = asyncio.run(send_traffic(stack.gateway_target, examples, options.concurrency))
+        report = asyncio.run(send_traffic(stack.gateway_target, examples, options.concurrency, token=token))
         report.cost = read_cost(stack.gateway_metrics_port)
     print(format_summary(report))
     print(f"servers stopped (gateway exit {stack.exit_codes['gateway']}, cloud exit {stack.exit_codes['cloud']})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -10,10 +11,13 @@ from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.model import CloudModel
 from cloud_runtime.servicer import CloudInferenceServicer
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
+from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Keyring, Sealer
+from tiergate.keys import apply_key_dir, load_keyring
 from tiergate.manifest import CLOUD_ROLES, load_manifest
 from tiergate.metrics import MetricsServer
-from tiergate.rpc import ManagedServer
+from tiergate.rpc import AuditInterceptor, ManagedServer
+from tiergate.security import Boundary, serving_credentials
 from tiergate.settings import CloudSettings
 from tiergate.telemetry import Tracing
 
@@ -22,20 +26,36 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
 
 
+def _metadata_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    # Until the envelope is open (it carries the gateway's id sealed), the clear metadata names the call.
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA and isinstance(value, str):
+            return value[:128]
+    return "-"
+
+
 class CloudServer:
     """Owns the model, the servicer, the managed gRPC server and the telemetry of the cloud tier."""
 
-    def __init__(self, settings: CloudSettings, keyring: Keyring, *, tracing: Tracing | None = None) -> None:
-        """`tracing` replaces the one the settings describe (tests hand in one with an in-memory processor)."""
+    def __init__(
+        self, settings: CloudSettings, keyring: Keyring | None = None, *, tracing: Tracing | None = None
+    ) -> None:
+        """`keyring` overrides the one at `settings.keyring_path`; `tracing` replaces the one the settings
+        describe (tests hand in one with an in-memory processor)."""
+        apply_key_dir(settings)
         self.settings = settings
         self.tracing = tracing or Tracing.from_settings(settings.tracing, "tiergate-cloud")
         self.metrics = CloudMetrics()
         self.metrics_server = MetricsServer(self.metrics.registry) if settings.metrics.enabled else None
+        credentials = serving_credentials(settings.tls, settings.insecure, "the cloud tier's port", "insecure")
+        self.boundary = Boundary(settings.audit)
+        self.sealer = Sealer(keyring if keyring is not None else load_keyring(settings.keyring_path))
+        self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         manifest = load_manifest(settings.models_dir, roles=CLOUD_ROLES)
         model = CloudModel.load(settings.models_dir, manifest, intra_op_threads=settings.intra_op_threads)
         self.servicer = CloudInferenceServicer(
             model,
-            Sealer(keyring),
+            self.sealer,
             model_name=settings.model_name,
             model_version=manifest.version,
             limits=settings.limits,
@@ -48,14 +68,18 @@ class CloudServer:
             cloud_pb2_grpc.add_CloudInferenceServicer_to_server(self.servicer, server)
             return [SERVICE_NAME]
 
+        audit = self.boundary.audit
         self.managed = ManagedServer(
             register,
             max_message_bytes=settings.limits.max_message_bytes,
             interceptors=self.tracing.server_interceptors(),
+            inner_interceptors=[] if audit is None else [AuditInterceptor(audit, ("Infer",), _metadata_request_id)],
             on_error=self.metrics.rpc_failed,
+            credentials=credentials,
         )
 
     async def start(self) -> int:
+        self.boundary.start()
         port = await self.managed.start(self.settings.host, self.settings.port)
         self.servicer.bound = (self.settings.host, port)
         if self.metrics_server is not None:
@@ -70,6 +94,7 @@ class CloudServer:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.managed.stop(self.settings.grace_s if grace_s is None else grace_s)
         self.servicer.close()
+        await self.boundary.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.tracing.shutdown()

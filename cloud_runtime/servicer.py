@@ -19,6 +19,7 @@ from tiergate.envelope import Sealer
 from tiergate.errors import InvalidInputError, ModelNotFoundError, RequestTooLargeError, SealError
 from tiergate.logs import REQUEST_ID
 from tiergate.replay import ReplayGuard
+from tiergate.rpc import audit_detail
 from tiergate.settings import LimitSettings, ReplaySettings
 from tiergate.telemetry import annotate_server_span, timed_span
 
@@ -89,6 +90,7 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         REQUEST_ID.set(request_id)
         server_span = annotate_server_span(context, *self.bound)
         server_span.set_attribute("tiergate.request_id", request_id)
+        audit_detail(key_id=request.key_id[:64])
         try:
             with timed_span(self._tracer, "tiergate.open", {"tiergate.envelope.bytes": request.ByteSize()}):
                 # Authenticate first, then freshness and replay: a forged envelope fails here and is never
@@ -108,6 +110,7 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
             REQUEST_ID.set(request_id)
             server_span.set_attribute("tiergate.request_id", request_id)
         texts = self._check(plain)
+        audit_detail(rows=len(texts))
         loop = asyncio.get_running_loop()
         self._metrics.batch_rows.labels(model=self._model_name).observe(len(texts))
         with self._tracer.start_as_current_span(

@@ -46,7 +46,7 @@ class Directory(Protocol):
 
     def authenticate(self, token: str) -> Client | None: ...
 
-    def client(self, name: str) -> Client | None: ...
+    def get(self, name: str) -> Client | None: ...
 
 
 CLIENT: contextvars.ContextVar[Client | None] = contextvars.ContextVar("tiergate_client", default=None)
@@ -114,7 +114,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return client
         if self._settings.allow_cert_subjects:
             name = certificate_name(context)
-            client = directory.client(name) if name else None
+            client = directory.get(name) if name else None
             if client is not None:
                 return client
         raise AuthenticationError(NO_TOKEN)

@@ -1,6 +1,7 @@
 """The tier chain and the model served on it.
 
-Each row starts at the first tier (or the last, if heavy) and climbs while unsure.
+Each row starts at the first tier (or the last, if heavy) and climbs while unsure. Every tier after the
+first is treated as remote: rows reach it only through the boundary policy (redacted, or kept back).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from opentelemetry import trace
 from gateway.cost import CostModel
 from gateway.drift import DriftWatch
 from gateway.metrics import GatewayMetrics
+from gateway.policy import BoundaryPolicy, Decision
 from gateway.routing import Hint, Reason, RoutingPolicy
 from gateway.tier import Prediction, Tier
 from tiergate.errors import TierDeadlineError, TierUnavailableError
@@ -40,6 +42,8 @@ class CascadeResult:
     rows: list[RowAnswer]
     # True when a later tier failed and earlier answers were returned in its place.
     degraded: bool = False
+    # Per row, the text the boundary policy lets a remote tier see (redacted), or None: the row stays private.
+    outbound: tuple[str | None, ...] = ()
 
     def rows_by_tier(self) -> dict[str, int]:
         """Rows answered, by the tier that answered them."""
@@ -53,6 +57,7 @@ class CascadeResult:
 @dataclass
 class _Row:
     text: str
+    decision: Decision
     start: int
     reasons: list[Reason] = field(default_factory=list)
     answer: Prediction | None = None
@@ -61,13 +66,25 @@ class _Row:
 
 
 class Cascade:
-    """Routes a batch through an ordered chain of tiers under one routing policy."""
+    """Routes a batch through an ordered chain of tiers under one routing policy and one boundary policy.
 
-    def __init__(self, tiers: Sequence[Tier], policy: RoutingPolicy, tracer: trace.Tracer | None = None) -> None:
+    The first tier runs on the private side; every later tier is remote, so the boundary policy decides what
+    of each row may be handed to it. Without a `data_policy`, personal data of every kind is redacted.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        policy: RoutingPolicy,
+        tracer: trace.Tracer | None = None,
+        *,
+        data_policy: BoundaryPolicy | None = None,
+    ) -> None:
         if not tiers:
             raise ValueError("the tier chain is empty")
         self.tiers = list(tiers)
         self.policy = policy
+        self.data_policy = data_policy if data_policy is not None else BoundaryPolicy()
         self._tracer = tracer or trace.NoOpTracer()
 
     def ready(self) -> bool:
@@ -77,15 +94,25 @@ class Cascade:
     async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
         last = len(self.tiers) - 1
         rows = []
-        for text, heavy in zip(texts, self.policy.heavy_reasons(texts, hint), strict=True):
-            rows.append(_Row(text=text, start=last if heavy else 0, reasons=list(heavy)))
+        # The one place the boundary policy is applied: nothing reaches a remote tier but `decision.outbound`.
+        decisions = self.data_policy.apply(texts)
+        for text, heavy, decision in zip(texts, self.policy.heavy_reasons(texts, hint), decisions, strict=True):
+            row = _Row(text=text, decision=decision, start=last if heavy else 0, reasons=list(heavy))
+            if heavy and last > 0 and decision.private:
+                # A heavy row that may not leave is answered by the first tier instead.
+                row.start = 0
+                row.reasons.append(Reason.PRIVATE_DATA)
+            rows.append(row)
         degraded = False
         for level, tier in enumerate(self.tiers):
             pending = self._route(rows, level, hint) if level > 0 else [row for row in rows if row.start == 0]
             if not pending:
                 continue
+            # Request parameters never cross: a tier is handed texts only. A future forwarder of parameters
+            # must pass them through `self.data_policy.forwardable(...)` for remote tiers (level > 0).
+            sent = [row.text if level == 0 else _outbound(row) for row in pending]
             try:
-                answers = await tier.predict([row.text for row in pending], deadline)
+                answers = await tier.predict(sent, deadline)
             except (TierUnavailableError, TierDeadlineError) as error:
                 if level == 0:
                     raise
@@ -98,24 +125,42 @@ class Cascade:
             for row, answer in zip(pending, answers, strict=True):
                 row.answer, row.tier = answer, tier.name
                 row.ran.append(tier.name)
+        answered = [
+            RowAnswer(r.answer.label, r.answer.confidence, r.tier, tuple(r.reasons), tuple(r.ran))
+            for r in rows
+            if r.answer
+        ]
+        if len(answered) != len(rows):
+            raise RuntimeError(f"{len(rows) - len(answered)} of {len(rows)} rows were left without an answer")
         return CascadeResult(
-            rows=[
-                RowAnswer(r.answer.label, r.answer.confidence, r.tier, tuple(r.reasons), tuple(r.ran))
-                for r in rows
-                if r.answer
-            ],
-            degraded=degraded,
+            rows=answered, degraded=degraded, outbound=tuple(decision.outbound for decision in decisions)
         )
 
     def _route(self, rows: list[_Row], level: int, hint: Hint) -> list[_Row]:
-        """The rows tier `level` must answer: unsure answers climbing to it, and heavy rows starting there."""
+        """The rows tier `level` must answer: unsure answers climbing to it, and heavy rows starting there.
+
+        Unsure rows the boundary policy keeps private stay with the answer they have (reason `private_data`).
+        """
         with self._tracer.start_as_current_span("tiergate.route") as span:
-            pending = [row for row in rows if row.start <= level and (row.answer is None or self._climbs(row, hint))]
-            for row in pending:
+            # A row already kept private is settled: it climbs no further.
+            climbing = [
+                row
+                for row in rows
+                if row.start <= level
+                and Reason.PRIVATE_DATA not in row.reasons
+                and (row.answer is None or self._climbs(row, hint))
+            ]
+            for row in climbing:
                 if row.answer is not None and Reason.LOW_CONFIDENCE not in row.reasons:
                     row.reasons.append(Reason.LOW_CONFIDENCE)
+            pending = [row for row in climbing if not row.decision.private]
+            kept = [row for row in climbing if row.decision.private]
+            for row in kept:
+                row.reasons.append(Reason.PRIVATE_DATA)
             if span.is_recording():
                 reasons = Counter(reason.value for row in pending for reason in row.reasons)
+                if kept:
+                    reasons[Reason.PRIVATE_DATA.value] += len(kept)
                 span.set_attributes(
                     {
                         "tiergate.routing.signal": self.policy.signal,
@@ -124,6 +169,7 @@ class Cascade:
                         "tiergate.routing.to_tier": self.tiers[level].name,
                         "tiergate.routing.rows": len(rows),
                         "tiergate.routing.escalated_rows": len(pending),
+                        "tiergate.routing.private_rows": len(kept),
                         "tiergate.routing.reasons": ",".join(f"{r}={n}" for r, n in sorted(reasons.items())),
                     }
                 )
@@ -144,6 +190,13 @@ class Cascade:
             for row, answer in zip(missing, answers, strict=True):
                 row.answer, row.tier = answer, first.name
                 row.ran.append(first.name)
+
+
+def _outbound(row: _Row) -> str:
+    """The text a remote tier is sent for `row`; `_route` never hands it a private row."""
+    if row.decision.outbound is None:
+        raise RuntimeError("a private row was routed to a remote tier")
+    return row.decision.outbound
 
 
 class TieredModel:
@@ -184,12 +237,16 @@ class TieredModel:
             result = await self.cascade.infer(texts, hint, deadline)
         seconds = time.perf_counter() - started
         if self.drift is not None:
+            # The drift watch shadows rows to the last (remote) tier: it is offered what may leave, no more.
             first, threshold = self.cascade.tiers[0].name, self.cascade.policy.threshold
+            shareable = [
+                (text, row) for text, row in zip(result.outbound, result.rows, strict=True) if text is not None
+            ]
             self.drift.offer(
-                texts,
+                [text for text, _ in shareable],
                 [
                     (row.label, row.confidence, row.tier == first and not row.reasons and row.confidence >= threshold)
-                    for row in result.rows
+                    for _, row in shareable
                 ],
             )
         tiers = result.rows_by_tier()

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -65,6 +66,8 @@ class CloudTier:
         metrics: GatewayMetrics | None = None,
         replay: ReplaySettings | None = None,
         clock: Callable[[], float] = time.time,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, str]] = (),
     ) -> None:
         """`replay.skew_s` is the freshness window for responses (default `ReplaySettings()`), measured on
         `clock`."""
@@ -76,16 +79,21 @@ class CloudTier:
         self._metrics = metrics or GatewayMetrics()
         # Responses need no seen-set: each carries the hop id of the one call it answers, a fresh uuid.
         self._freshness = FreshnessCheck((replay or ReplaySettings()).skew_s, clock=clock)
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.service_config", _SERVICE_CONFIG),
-                ("grpc.enable_retries", 1),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-            interceptors=list(interceptors) or None,
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *channel_options,
+        ]
+        # `credentials`: mutual TLS under the sealed envelopes (a balancer that ends TLS sees ciphertext only).
+        self.secure = credentials is not None
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                target, credentials, options=options, interceptors=list(interceptors) or None
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors) or None)
         self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
 
     def _timeout(self, deadline: float | None) -> float:

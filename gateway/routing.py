@@ -22,6 +22,8 @@ class Reason(StrEnum):
     CLIENT_HINT = "client_hint"
     # The later tier failed, so an earlier tier's answer was returned instead.
     TIER_UNAVAILABLE = "tier_unavailable"
+    # The row holds personal data the boundary policy keeps private, so the first tier's answer was returned.
+    PRIVATE_DATA = "private_data"
 
 
 class Hint(StrEnum):

@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import grpc
 
+from gateway.auth import AuthInterceptor
 from gateway.cascade import Cascade, TieredModel
 from gateway.cloud_tier import CloudTier
 from gateway.cost import CostModel
 from gateway.drift import DriftWatch
 from gateway.edge_tier import EdgeTier
 from gateway.metrics import GatewayMetrics
+from gateway.policy import BoundaryPolicy
 from gateway.routing import RoutingPolicy
-from gateway.servicer import InferenceServicer
+from gateway.servicer import InferenceServicer, request_id_of
 from gateway.tier import Tier
 from proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from tiergate.envelope import Keyring, Sealer
+from tiergate.keys import apply_key_dir, load_keyring
 from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.metrics import MetricsServer
-from tiergate.rpc import ManagedServer
-from tiergate.settings import GatewaySettings
+from tiergate.rpc import AuditInterceptor, ManagedServer
+from tiergate.security import Boundary, require_tls_or_insecure
+from tiergate.settings import AuthSettings, GatewaySettings
 from tiergate.telemetry import Tracing
+from tiergate.tls import channel_credentials, channel_options, server_credentials
+from tiergate.tokens import TokenStore
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +62,11 @@ def cost_model(settings: GatewaySettings) -> CostModel:
 def build_tiers(
     settings: GatewaySettings,
     manifest: Manifest,
-    keyring: Keyring | None,
+    sealer: Sealer | None,
     tracing: Tracing | None = None,
     metrics: GatewayMetrics | None = None,
 ) -> list[Tier]:
+    """The chain's tiers; the cloud tier seals with `sealer` over mTLS (or plaintext if hop_insecure)."""
     tracing = tracing or Tracing.from_settings(settings.tracing, "tiergate-gateway")
     tiers: list[Tier] = []
     for name in settings.chain:
@@ -69,12 +77,15 @@ def build_tiers(
                 )
             )
         elif name == "cloud":
-            if keyring is None:
+            if sealer is None:
                 raise ValueError("the cloud tier needs a keyring to seal requests")
+            secure = require_tls_or_insecure(
+                settings.hop_tls, settings.hop_insecure, "the hop to the cloud tier", "hop_insecure"
+            )
             tiers.append(
                 CloudTier(
                     settings.cloud_target,
-                    Sealer(keyring),
+                    sealer,
                     model_name=settings.model_name,
                     timeout_s=settings.cloud_timeout_s,
                     max_message_bytes=settings.limits.max_message_bytes,
@@ -82,6 +93,8 @@ def build_tiers(
                     interceptors=tracing.client_interceptors(settings.cloud_target),
                     metrics=metrics,
                     replay=settings.replay,
+                    credentials=channel_credentials(settings.hop_tls) if secure else None,
+                    channel_options=channel_options(settings.hop_tls) if secure else (),
                 )
             )
         else:
@@ -89,19 +102,39 @@ def build_tiers(
     return tiers
 
 
-class GatewayServer:
-    """Owns the tiers, the OIP servicer, the managed gRPC server and the telemetry of the gateway."""
+# The OIP calls each written to the audit log (liveness and readiness probes are not).
+AUDITED_METHODS = ("ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata")
 
-    def __init__(self, settings: GatewaySettings, keyring: Keyring | None, *, tracing: Tracing | None = None) -> None:
-        """`tracing` replaces the one the settings describe (tests hand in one with an in-memory processor)."""
+
+class GatewayServer:
+    """Owns the tiers, the OIP servicer, the managed gRPC server, its boundary and telemetry of the gateway."""
+
+    def __init__(
+        self, settings: GatewaySettings, keyring: Keyring | None = None, *, tracing: Tracing | None = None
+    ) -> None:
+        """`keyring` overrides the one at `settings.keyring_path` (loaded when the chain has a cloud tier);
+        `tracing` replaces the one the settings describe (tests hand in one with an in-memory processor)."""
+        apply_key_dir(settings)
         self.settings = settings
         self.tracing = tracing or Tracing.from_settings(settings.tracing, "tiergate-gateway")
         self.metrics = GatewayMetrics()
         self.metrics_server = MetricsServer(self.metrics.registry) if settings.metrics.enabled else None
+        self.boundary = Boundary(settings.audit)
+        remote = any(name != "edge" for name in settings.chain)
+        if keyring is None and remote:
+            keyring = load_keyring(settings.keyring_path)
+        self.sealer = Sealer(keyring) if keyring is not None else None
+        if self.sealer is not None and remote:
+            self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         roles = [EDGE_VARIANT_ROLES["int8"]] if "edge" in settings.chain else []
         manifest = load_manifest(settings.models_dir, roles=roles)
-        self.tiers = build_tiers(settings, manifest, keyring, self.tracing, self.metrics)
-        cascade = Cascade(self.tiers, routing_policy(settings, manifest), tracer=self.tracing.tracer)
+        self.tiers = build_tiers(settings, manifest, self.sealer, self.tracing, self.metrics)
+        cascade = Cascade(
+            self.tiers,
+            routing_policy(settings, manifest),
+            tracer=self.tracing.tracer,
+            data_policy=BoundaryPolicy.from_settings(settings.policy),
+        )
         # The watch compares the first tier's confident answers with the last tier's; one tier has no reference.
         self.drift = (
             DriftWatch(
@@ -124,6 +157,12 @@ class GatewayServer:
             drift=self.drift,
         )
         self.servicer = InferenceServicer([model], settings.limits)
+        self.clients = self._client_directory(settings.auth)
+        inner: list[grpc.aio.ServerInterceptor] = []
+        if self.boundary.audit is not None:
+            inner.append(AuditInterceptor(self.boundary.audit, AUDITED_METHODS, request_id_of))
+        if self.clients is not None:
+            inner.append(AuthInterceptor(settings.auth, lambda: self._directory))
 
         def register(server: grpc.aio.Server) -> list[str]:
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
@@ -133,17 +172,42 @@ class GatewayServer:
             register,
             max_message_bytes=settings.limits.max_message_bytes,
             interceptors=self.tracing.server_interceptors(),
+            inner_interceptors=inner,
             on_error=self.metrics.rpc_failed,
+            # The public port is plaintext unless given a certificate: TLS usually ends at the balancer in front.
+            credentials=server_credentials(settings.public_tls),
         )
 
+    def _client_directory(self, auth: AuthSettings) -> TokenStore | None:
+        if not auth.enabled:
+            return None
+        if auth.tokens_path is None:
+            raise ValueError("client authentication is on but no token file is set (auth.tokens_path, or --keys DIR)")
+        path = Path(auth.tokens_path)
+        self._directory = TokenStore.load(path)
+
+        def reloaded(store: TokenStore) -> None:
+            self._directory = store
+
+        self.boundary.watch(path, lambda: TokenStore.load(path), reloaded, f"token file {path}")
+        return self._directory
+
     async def start(self) -> int:
+        self.boundary.start()
         port = await self.managed.start(self.settings.host, self.settings.port)
         self.servicer.bound = (self.settings.host, port)
         if self.metrics_server is not None:
             self.metrics_server.start(self.settings.metrics.host, self.settings.metrics.port)
         if self.drift is not None:
             self.drift.start()
-        logger.info("gateway serving %r on %s:%d", self.settings.model_name, self.settings.host, port)
+        logger.info(
+            "gateway serving %r on %s:%d (%s public port, %s)",
+            self.settings.model_name,
+            self.settings.host,
+            port,
+            "TLS" if self.managed.secure else "plaintext",
+            "client tokens required" if self.clients is not None else "no client authentication",
+        )
         return port
 
     @property
@@ -156,6 +220,7 @@ class GatewayServer:
         if self.drift is not None:
             await self.drift.stop()
         await self._close_tiers()
+        await self.boundary.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.tracing.shutdown()

@@ -49,9 +49,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.bound: tuple[str, int] = ("", 0)
 
     def _model(self, name: str, version: str) -> TieredModel:
+        audit_detail(client=current_client_name(), model=name)
         # Permission first, so a client learns nothing of the models it may not call.
         authorize(name)
-        audit_detail(client=current_client_name(), model=name)
         model = self._models.get(name)
         if model is None:
             served = ", ".join(sorted(self._models)) or "none"

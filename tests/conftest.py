@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,7 +18,7 @@ from gateway.server import GatewayServer
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate.constants import MODEL_NAME
 from tiergate.envelope import Keyring
-from tiergate.settings import CloudSettings, DriftSettings, GatewaySettings, TracingSettings
+from tiergate.settings import DEFAULT_KEYRING, CloudSettings, DriftSettings, GatewaySettings, TracingSettings
 from tiergate.telemetry import Tracing, resolve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +68,25 @@ class Stack:
             await self.cloud.stop(0)
 
 
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends `authorization: Bearer <token>` on every unary call, as tritonclient's `headers=` does."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        details = client_call_details._replace(metadata=tuple(client_call_details.metadata or ()) + self._metadata)
+        return await continuation(details, request)
+
+
+@pytest.fixture(scope="session")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A key directory as `tiergate keys init` writes it: keyring, dev CA, certificates, an empty token file."""
+    from tiergate.keys import init_key_dir
+
+    return init_key_dir(tmp_path_factory.mktemp("keys") / "tiergate")
+
+
 def _untraced() -> Tracing:
     # Independent of any OTEL_* variables in the environment the tests run in.
     return Tracing(resolve(TracingSettings(enabled=False), "tiergate-test", env={}))
@@ -95,22 +115,26 @@ class StackFactory:
         cloud_keyring: Keyring | None = None,
         cloud_timeout_s: float = 5.0,
         drift: DriftSettings | None = None,
+        keys: Path | None = None,
+        token: str | None = None,
+        audit_dir: Path | None = None,
+        configure: Callable[[GatewaySettings, CloudSettings], None] | None = None,
     ) -> Stack:
         """A cloud server (unless `with_cloud` is False) and a gateway on it, or on `cloud_target` if given.
 
         Both serve metrics on a free port; tracing is off unless a `Tracing` is handed in, and so is the
         drift watch unless `drift` settings are (its shadow calls would move the counters tests check).
+        Without `keys` the hop and the public port are plaintext (explicitly insecure) and no token is
+        needed; with a key directory from `tiergate keys init` the hop is mutual TLS, the gateway asks
+        for client tokens, and the stub sends `token`. `audit_dir` turns on both audit logs there.
         """
-        keyring = Keyring.load(self.keyring_path)
-        cloud = None
-        if with_cloud:
-            cloud_settings = CloudSettings(
-                port=0, models_dir=self.models, keyring_path=self.keyring_path, model_name=model_name
-            )
-            cloud_settings.metrics.port = 0
-            cloud = CloudServer(cloud_settings, cloud_keyring or keyring, tracing=cloud_tracing or _untraced())
-            cloud_port = await cloud.start()
-            cloud_target = cloud_target or f"127.0.0.1:{cloud_port}"
+        keyring = None if keys is not None else Keyring.load(self.keyring_path)
+        cloud_settings = CloudSettings(
+            port=0, models_dir=self.models, keyring_path=self.keyring_path, model_name=model_name
+        )
+        cloud_settings.metrics.port = 0
+        cloud_settings.keys_dir = keys
+        cloud_settings.insecure = keys is None
         settings = GatewaySettings(
             port=0,
             models_dir=self.models,
@@ -118,6 +142,21 @@ class StackFactory:
             model_name=model_name,
             cloud_timeout_s=cloud_timeout_s,
         )
+        settings.keys_dir = keys
+        settings.hop_insecure = keys is None
+        if keys is not None:
+            cloud_settings.keyring_path = settings.keyring_path = DEFAULT_KEYRING  # the key directory's
+            settings.hop_tls.server_name = "localhost"
+        if audit_dir is not None:
+            settings.audit.path = audit_dir / "gateway-audit.log"
+            cloud_settings.audit.path = audit_dir / "cloud-audit.log"
+        if configure is not None:
+            configure(settings, cloud_settings)
+        cloud = None
+        if with_cloud:
+            cloud = CloudServer(cloud_settings, cloud_keyring or keyring, tracing=cloud_tracing or _untraced())
+            cloud_port = await cloud.start()
+            cloud_target = cloud_target or f"127.0.0.1:{cloud_port}"
         settings.metrics.port = 0
         settings.drift = drift or DriftSettings(sample_rate=0.0)
         settings.cloud_target = cloud_target or "127.0.0.1:1"
@@ -133,7 +172,7 @@ class StackFactory:
                 await cloud.stop(0)
             raise
         target = f"127.0.0.1:{port}"
-        channel = grpc.aio.insecure_channel(target)
+        channel = grpc.aio.insecure_channel(target, interceptors=[BearerToken(token)] if token else None)
         stack = Stack(gateway, cloud, channel, pb_grpc.GRPCInferenceServiceStub(channel), target)
         self._running.append(stack)
         return stack

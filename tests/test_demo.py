@@ -32,10 +32,11 @@ def run_cli(*args: str) -> str:
     return done.stdout
 
 
-def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None:
-    out = run_cli(
-        "demo", "--models", str(tiny_models), "--keyring", str(keyring_path), "--requests", "150", "--concurrency", "4"
-    )
+def test_demo_runs_and_summarises(tiny_models: Path, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    out = run_cli("demo", "--models", str(tiny_models), "--keys", str(keys), "--requests", "150", "--concurrency", "4")
+    assert f"keys: created {keys}" in out and "boundary: mutual TLS on the hop" in out
+    assert (keys / "ca.pem").is_file() and "demo" in (keys / "tokens.json").read_text()
     assert "=== Tiergate demo summary ===" in out
     assert "errors: none" in out
     assert "answered at edge" in out and "escalations" in out
@@ -49,9 +50,9 @@ def test_demo_runs_and_summarises(tiny_models: Path, keyring_path: Path) -> None
     assert total == 150 and answered == total
 
 
-def test_bench_prints_setup_models_and_tier_paths(tiny_models: Path, keyring_path: Path) -> None:
+def test_bench_prints_setup_models_and_tier_paths(tiny_models: Path, tmp_path: Path) -> None:
     out = run_cli(
-        "bench", "--models", str(tiny_models), "--keyring", str(keyring_path), "--calls", "40", "--requests", "60"
+        "bench", "--models", str(tiny_models), "--keys", str(tmp_path / "keys"), "--calls", "40", "--requests", "60"
     )
     assert "setup:" in out and "onnxruntime" in out
     for row in ("edge int8", "edge qdq", "edge fp32", "cloud fp32", "cloud (client hint)"):

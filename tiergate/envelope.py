@@ -110,9 +110,18 @@ class Sealer:
     """Seals protobuf messages into envelopes and opens them again."""
 
     def __init__(self, keyring: Keyring, clock: Callable[[], float] = time.time) -> None:
-        self._keyring = keyring
-        self._ciphers = {kid: AESGCM(key) for kid, key in keyring.keys.items()}
         self._clock = clock
+        self.update(keyring)
+
+    def update(self, keyring: Keyring) -> None:
+        """Seal with the new active key and open with every key of `keyring` from now on (a rotation)."""
+        ciphers = {kid: AESGCM(key) for kid, key in keyring.keys.items()}
+        # One assignment each: a call in flight sees the old keyring or the new one, never a mix.
+        self._keyring, self._ciphers = keyring, ciphers
+
+    @property
+    def active_key_id(self) -> str:
+        return self._keyring.active_key_id
 
     def seal(self, message: Message, *, request_id: str, direction: Direction) -> cloud_pb2.Envelope:
         envelope = cloud_pb2.Envelope(

@@ -166,7 +166,7 @@ class ManagedServer:
 class AuditSink(Protocol):
     """Where audit records go (the hash-chained `tiergate.audit.AuditLog`)."""
 
-    def write(self, record: Mapping[str, Any]) -> None: ...
+    def write(self, record: Mapping[str, Any]) -> object: ...
 
 
 # What the handler of the current RPC adds to its audit line (model, rows, tiers, key id, ...).
