@@ -268,6 +268,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args.models, args.data, args.keys, requests=args.requests, calls=args.calls)
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from tiergate.audit import verify_command
+
+    return verify_command(args.file)
+
+
 def _add_key_commands(commands: argparse._SubParsersAction) -> None:
     """`tiergate keys ...` and `tiergate tokens ...`."""
     from tiergate import keys as keys_module
@@ -436,6 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=lambda a, r=runner: asyncio.run(r(a)) or 0)
 
     _add_key_commands(commands)
+
+    audit = commands.add_parser("audit", help="check an audit log").add_subparsers(dest="action", required=True)
+    verify = audit.add_parser(
+        "verify",
+        help="check the hash chain of an audit log and its rotated files; name the first bad line",
+        description="Exit 0 when every line's hash chain holds (across PATH.N ... PATH.1, PATH), 1 at the first "
+        "edited, inserted or deleted line, which it names.",
+    )
+    verify.add_argument("file", type=Path, metavar="FILE", help="the audit log (its rotated files beside it)")
+    verify.set_defaults(handler=_audit_verify)
 
     demo = commands.add_parser("demo", help="build models if missing, start cloud + gateway, send traffic, summarise")
     demo.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)

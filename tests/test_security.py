@@ -160,3 +160,75 @@ async def test_two_step_key_rotation_under_traffic_fails_no_request(
     _, new = await asyncio.gather(traffic(2000), rollout())
     assert new != old and degraded == 0
     assert stack.gateway.sealer is not None and stack.gateway.sealer.active_key_id == new
+
+
+def test_audit_verify_on_a_real_log_names_the_first_bad_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tiergate.audit import AuditLog
+    from tiergate.settings import AuditSettings
+
+    path = tmp_path / "audit.log"
+    with AuditLog(AuditSettings(path=path)) as log:
+        for i in range(5):
+            log.write({"request_id": f"r{i}", "status": "OK", "rows": 1})
+
+    def verify_cli() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "app.cli", "audit", "verify", str(path)]
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+
+    intact = verify_cli()
+    assert intact.returncode == 0 and "OK: 5 lines" in intact.stdout
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:2], lines[2].replace('"rows":1', '"rows":2'), *lines[3:]]) + "\n")
+    edited = verify_cli()
+    assert edited.returncode == 1 and "line 4" in edited.stdout and "line 3 was edited" in edited.stdout
+    path.write_text("\n".join([*lines[:1], *lines[2:]]) + "\n")
+    deleted = verify_cli()
+    assert deleted.returncode == 1 and "deleted" in deleted.stdout and "line 2" in deleted.stdout
+
+
+async def test_the_public_port_serves_tls_and_knows_clients_by_their_certificate(
+    start_stack: StackFactory, key_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tiergate.keys import init_key_dir, mint_client_cert
+
+    keys = tmp_path / "keys"
+    shutil.copytree(key_dir, keys)
+    add_token(keys / "tokens.json", "storefront", [MODEL_NAME])  # the client's entry: its models
+    cert, key = mint_client_cert(keys, "storefront")
+
+    def public_mtls(gateway: GatewaySettings, cloud: CloudSettings) -> None:
+        tls = gateway.public_tls
+        tls.cert, tls.key, tls.ca = keys / "gateway.pem", keys / "gateway-key.pem", keys / "ca.pem"
+        tls.require_client_cert = True
+        gateway.auth.allow_cert_subjects = True
+
+    stack = await start_stack(keys=keys, configure=public_mtls)
+    ca = (keys / "ca.pem").read_bytes()
+
+    async def infer_with(credentials: grpc.ChannelCredentials) -> pb.ModelInferResponse:
+        async with grpc.aio.secure_channel(stack.target, credentials) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return await stub.ModelInfer(infer_request(["whole milk"]), timeout=10.0)
+
+    # No token: the certificate's subject names the client.
+    reply = await infer_with(grpc.ssl_channel_credentials(ca, key.read_bytes(), cert.read_bytes()))
+    assert reply.model_name == MODEL_NAME
+    # Without a client certificate, or with one from another CA, the handshake itself fails.
+    other = init_key_dir(tmp_path / "other")
+    for credentials in (
+        grpc.ssl_channel_credentials(ca),
+        grpc.ssl_channel_credentials(
+            ca, (other / "gateway-key.pem").read_bytes(), (other / "gateway.pem").read_bytes()
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await infer_with(credentials)
+        assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+    # A plaintext client cannot talk to a TLS port at all.
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call(stack.target, infer_request(["whole milk"]))
