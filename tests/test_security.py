@@ -93,22 +93,72 @@ async def test_clients_need_a_token_and_a_permitted_model(
     assert cloud_lines[0]["key_id"] and cloud_lines[0]["rows"] == 1 and cloud_lines[0]["status"] == "OK"
 
 
-async def test_a_cloud_certificate_from_another_ca_is_refused(
-    start_stack: StackFactory, key_dir: Path, tmp_path: Path
+def expired_copy(keys: Path, name: str, out: Path) -> Path:
+    """`name`'s certificate re-issued by the same CA for the same key, but valid only in the past."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca = x509.load_pem_x509_certificate((keys / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((keys / "ca-key.pem").read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate((keys / name).read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(ca.subject)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=10))
+        .not_valid_after(now - datetime.timedelta(days=1))
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    out.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("fault", ["another CA", "expired"])
+async def test_a_cloud_certificate_that_does_not_verify_is_refused(
+    start_stack: StackFactory, key_dir: Path, tmp_path: Path, fault: str
 ) -> None:
     from tiergate.keys import init_key_dir
 
-    other = init_key_dir(tmp_path / "other")
     _, token = new_client(key_dir, ["*"])
 
-    def foreign_cloud(gateway: GatewaySettings, cloud: CloudSettings) -> None:
-        # The cloud serves a certificate of another CA; the gateway trusts only its own.
-        cloud.tls.cert, cloud.tls.key, cloud.tls.ca = other / "cloud.pem", other / "cloud-key.pem", other / "ca.pem"
+    def bad_cloud_certificate(gateway: GatewaySettings, cloud: CloudSettings) -> None:
+        if fault == "another CA":
+            other = init_key_dir(tmp_path / "other")
+            cloud.tls.cert, cloud.tls.key, cloud.tls.ca = other / "cloud.pem", other / "cloud-key.pem", other / "ca.pem"
+        else:
+            cloud.tls.cert = expired_copy(key_dir, "cloud.pem", tmp_path / "expired-cloud.pem")
+            cloud.tls.key, cloud.tls.ca = key_dir / "cloud-key.pem", key_dir / "ca.pem"
 
-    stack = await start_stack(keys=key_dir, token=token, threshold=1.0, configure=foreign_cloud)
+    stack = await start_stack(keys=key_dir, token=token, threshold=1.0, configure=bad_cloud_certificate)
     reply = await stack.stub.ModelInfer(infer_request(["whole milk"]), timeout=10.0)
     assert reply.parameters["degraded"].bool_param, "the hop refused the handshake; the edge answered"
     assert json.loads(reply.parameters["escalation_reasons"].string_param) == ["low_confidence+tier_unavailable"]
+
+
+async def test_broken_key_and_token_files_keep_the_last_good_ones(
+    start_stack: StackFactory, key_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    keys = tmp_path / "keys"
+    shutil.copytree(key_dir, keys)
+    _, token = new_client(keys, [MODEL_NAME])
+    stack = await start_stack(keys=keys, token=token, threshold=1.0)
+    (keys / "tokens.json").write_text("{not json", encoding="utf-8")
+    (keys / "seal-keys.json").write_text("[]", encoding="utf-8")
+    stack.gateway.boundary.reload()
+    assert stack.cloud is not None
+    stack.cloud.boundary.reload()
+    await asyncio.sleep(0.2)
+    assert "keeping the last good version" in caplog.text and "tokens.json" in caplog.text
+    reply = await stack.stub.ModelInfer(infer_request(["whole milk"]), timeout=10.0)
+    assert not reply.parameters["degraded"].bool_param, "old token accepted, hop still sealed with the old keyring"
 
 
 def test_a_plaintext_hop_must_be_asked_for(key_dir: Path, tiny_models: Path) -> None:
