@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,18 +16,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from app.cli import build_parser
 from cloud_runtime.metrics import CloudMetrics
 from gateway.metrics import GatewayMetrics
 from tiergate import telemetry
-from tiergate.envelope import Keyring
+from tiergate.constants import MODEL_NAME
+from tiergate.keys import (
+    CA_KEY,
+    CLOUD_CERT,
+    CLOUD_KEY,
+    GATEWAY_KEY,
+    KEY_DIR_FILES,
+    PRIVATE_FILES,
+    TOKENS_FILE,
+    apply_key_dir,
+    load_keyring,
+)
 from tiergate.logs import LOG_FORMAT_ENV, LOG_LEVEL_ENV
 from tiergate.rpc import ManagedServer
-from tiergate.settings import CloudSettings, GatewaySettings, load_settings
+from tiergate.settings import ENV_PREFIX, CloudSettings, GatewaySettings, Settings, load_settings
+from tiergate.tls import channel_credentials, server_credentials
+from tiergate.tokens import TokenStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
@@ -48,6 +66,12 @@ OTEL_READ = frozenset(re.findall(r'"(OTEL_[A-Z_]+)"', inspect.getsource(telemetr
 # TIERGATE_* variables outside the settings tree (read by the CLI's logging set-up).
 TIERGATE_NON_SETTINGS = frozenset({LOG_LEVEL_ENV, LOG_FORMAT_ENV})
 SCRAPER_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+# Private files a tier's pod must never hold: the other tier's key (and the gateway's client list),
+# and the CA's key, which stays with the operator.
+NOT_FOR = {"gateway": {CLOUD_KEY, CA_KEY}, "cloud": {GATEWAY_KEY, TOKENS_FILE, CA_KEY}}
+# The CLI installed beside this interpreter: the README's recipe and the compose one-shot run it.
+TIERGATE_CLI = Path(sys.executable).with_name("tiergate")
 
 Doc = dict[str, Any]
 
@@ -109,6 +133,113 @@ def tier_settings(env: dict[str, str], tier: str) -> GatewaySettings | CloudSett
     return settings
 
 
+def setting_exists(name: str) -> bool:
+    """Whether `TIERGATE_SECTION__KEY...` names a field of the settings tree (what load_settings would set)."""
+    node: Any = Settings()
+    for part in name[len(ENV_PREFIX) :].lower().split("__"):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return not dataclasses.is_dataclass(node)
+
+
+def probe_port(probe: Doc) -> int:
+    """The port a probe checks: native grpc, tcpSocket, or the health script's first argument."""
+    if "grpc" in probe:
+        return int(probe["grpc"]["port"])
+    if "tcpSocket" in probe:
+        return int(probe["tcpSocket"]["port"])
+    command = probe["exec"]["command"]
+    assert command[:2] == ["python", "-c"], command
+    return int(command[3])
+
+
+def secret_generators(kustomization: Doc) -> dict[str, dict[str, str]]:
+    """Each generated Secret: its keys, each with the operator's file (relative to the base) it comes from."""
+    secrets: dict[str, dict[str, str]] = {}
+    for generator in kustomization["secretGenerator"]:
+        files: dict[str, str] = {}
+        for entry in generator["files"]:
+            key, _, source = entry.partition("=")
+            files[key if source else Path(key).name] = source or key
+        secrets[generator["name"]] = files
+    return secrets
+
+
+def key_volume(deployment: Doc, tier: str) -> tuple[Doc, Doc]:
+    """The container's mount at its --keys directory, and the volume behind it."""
+    container = tier_container(deployment, tier)
+    keys = build_parser().parse_args(container["args"]).keys
+    assert keys is not None, f"{tier} is started without --keys"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys)]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def pod_key_files(deployment: Doc, tier: str, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The files the pod sees in its key directory, each with what `secrets` says its Secret key holds."""
+    _, volume = key_volume(deployment, tier)
+    files: dict[str, str] = {}
+    for source in volume["projected"]["sources"]:
+        assert set(source) == {"secret"}, source
+        secret = source["secret"]
+        data = secrets[secret["name"]]
+        for item in secret.get("items") or [{"key": key, "path": key} for key in data]:
+            assert item["path"] not in files, f"{item['path']} is projected twice into the {tier} pod"
+            files[item["path"]] = data[item["key"]]
+    return files
+
+
+def probe_key_files(container: Doc, keys: Path) -> set[str]:
+    """Files of the key directory the container's exec probes read."""
+    return {
+        Path(arg).name
+        for probe in PROBES
+        for arg in container[probe].get("exec", {}).get("command", [])
+        if Path(arg).parent == keys
+    }
+
+
+def san_names(cert: Path) -> set[str]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    names = (
+        x509.load_pem_x509_certificate(cert.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    return {*names.get_values_for_type(x509.DNSName), *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))}
+
+
+def readme_key_recipe() -> list[list[str]]:
+    """The README's Kubernetes key recipe: the `tiergate` lines of the block that runs `keys init keys/`."""
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+    (block,) = [b for b in blocks if "tiergate keys init keys/" in b]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip().startswith("tiergate ")]
+
+
+def cli_env() -> dict[str, str]:
+    if not TIERGATE_CLI.is_file():
+        pytest.skip(f"no tiergate command beside {sys.executable}")
+    return {**os.environ, "PATH": f"{TIERGATE_CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def copy_pod_key_dir(target: Path, files: dict[str, str], operator_base: Path, mode: int) -> Path:
+    """What the pod's projected volume holds: its files only, at the volume's mode."""
+    target.mkdir()
+    for name, source in files.items():
+        shutil.copyfile(operator_base / source, target / name)
+        (target / name).chmod(mode)
+    return target
+
+
+async def health_call(port: int, credentials: grpc.ChannelCredentials, name: str) -> int:
+    """grpc.health.v1 Check over TLS, the server's certificate checked for `name`."""
+    options = [("grpc.ssl_target_name_override", name)]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return int(reply.status)
+
+
 @pytest.fixture(scope="module")
 def base() -> dict[tuple[str, str], Doc]:
     docs = [doc for path in sorted(BASE.glob("*.yaml")) if path.name != "kustomization.yaml" for doc in load_yaml(path)]
@@ -125,6 +256,21 @@ def kustomization() -> Doc:
 def compose() -> Doc:
     (doc,) = load_yaml(COMPOSE)
     return doc
+
+
+@pytest.fixture(scope="module")
+def operator_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch `k8s/base` holding `keys/` as the README's recipe writes it (run with the real CLI)."""
+    env = cli_env()
+    root = tmp_path_factory.mktemp("base")
+    recipe = readme_key_recipe()
+    assert recipe, "the README shows no key recipe"
+    for argv in recipe:
+        run = subprocess.run(
+            [str(TIERGATE_CLI), *argv[1:]], check=False, cwd=root, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, f"{shlex.join(argv)}: {run.stderr}"
+    return root
 
 
 # --- every file parses ----------------------------------------------------------------
@@ -156,8 +302,15 @@ def test_container_args_ports_service_and_probes_agree(base: dict[tuple[str, str
     assert args.port == DEFAULT_PORTS[tier]
     assert grpc_port(container) == args.port
 
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == args.port, f"{tier} {probe} checks another port"
+    for probe in PROBES:
+        assert probe_port(container[probe]) == args.port, f"{tier} {probe} checks another port"
+    if tier == "cloud":
+        # Its port takes mutual TLS only; a native grpc probe speaks plaintext and could never pass.
+        assert not any("grpc" in container[probe] for probe in PROBES)
+        assert "exec" in container["readinessProbe"], "only a health call sees NOT_SERVING while draining"
+    else:
+        # The public port is plaintext and health needs no token, so the native probe works.
+        assert all("grpc" in container[probe] for probe in PROBES)
 
     assert matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
     assert matches(service["spec"]["selector"], pod_labels)
@@ -251,8 +404,8 @@ def test_network_policy_admits_only_the_gateway_to_the_cloud_port(base: dict[tup
 
 
 @pytest.mark.parametrize("tier", TIERS)
-def test_keyring_and_models_are_mounted_where_the_args_point(
-    base: dict[tuple[str, str], Doc], kustomization: Doc, tier: str
+def test_key_directory_and_models_are_mounted_where_the_args_point(
+    base: dict[tuple[str, str], Doc], kustomization: Doc, tier: str, tmp_path: Path
 ) -> None:
     deployment = base[("Deployment", f"tiergate-{tier}")]
     spec = deployment["spec"]["template"]["spec"]
@@ -261,17 +414,40 @@ def test_keyring_and_models_are_mounted_where_the_args_point(
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
 
-    keyring_mount = mounts[str(args.keyring.parent)]
-    secret = volumes[keyring_mount["name"]]["secret"]
-    (generator,) = kustomization["secretGenerator"]
-    assert secret["secretName"] == generator["name"]
-    (item,) = generator["files"]
-    key, _, source = item.partition("=")
-    assert key == args.keyring.name
-    assert (BASE / source).parent.joinpath(".gitignore").read_text(encoding="utf-8").splitlines()[-2:] == [
-        "*",
-        "!.gitignore",
-    ], "the operator's keyring file must stay out of git"
+    assert args.keyring is None, "--keys names the keyring; a second path could point elsewhere"
+    mount, volume = key_volume(deployment, tier)
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount, "a subPath mount never sees an updated Secret"
+    # Group-readable for the pod's fsGroup (the server's own group), never for other users.
+    assert volume["projected"]["defaultMode"] == 0o440
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+
+    secrets = secret_generators(kustomization)
+    files = pod_key_files(deployment, tier, secrets)
+    assert not set(files) & NOT_FOR[tier], f"the {tier} pod must not hold {sorted(set(files) & NOT_FOR[tier])}"
+    # Exactly what its server reads from the key directory (apply_key_dir), plus what its probes read.
+    scratch = tmp_path / "keys"
+    scratch.mkdir()
+    for name in files:
+        (scratch / name).touch(mode=0o600)
+    settings = tier_settings(env_of(container), tier)
+    settings.keys_dir = scratch
+    apply_key_dir(settings)
+    tls = settings.hop_tls if isinstance(settings, GatewaySettings) else settings.tls
+    read = {settings.keyring_path, tls.ca, tls.cert, tls.key}
+    if isinstance(settings, GatewaySettings):
+        assert settings.auth.enabled, "the gateway's token file turns client authentication on"
+        read.add(settings.auth.tokens_path)
+    assert {Path(str(path)).name for path in read} | probe_key_files(container, args.keys) == set(files)
+
+    # Every file comes from the operator's key directory, which git ignores.
+    for source in {source for data in secrets.values() for source in data.values()}:
+        top = Path(source).parts[0]
+        assert top != source, f"{source} is not inside an ignored folder"
+        assert (BASE / top / ".gitignore").read_text(encoding="utf-8").splitlines()[-2:] == [
+            "*",
+            "!.gitignore",
+        ], f"the operator's key directory {top}/ must stay out of git"
 
     models_mount = next(m for path, m in mounts.items() if args.models.is_relative_to(path))
     assert models_mount["readOnly"] is True
@@ -284,6 +460,93 @@ def test_keyring_and_models_are_mounted_where_the_args_point(
     assert {v["persistentVolumeClaim"]["claimName"] for v in job["volumes"] if "persistentVolumeClaim" in v} == {claim}
     (build,) = job["containers"]
     assert f"mv /models/.build {args.models}" in " ".join(build["args"])
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_audit_log_and_plaintext_settings(base: dict[tuple[str, str], Doc], tier: str) -> None:
+    deployment = base[("Deployment", f"tiergate-{tier}")]
+    container = tier_container(deployment, tier)
+    settings = tier_settings(env_of(container), tier)
+    assert settings.audit.path is not None, f"{tier} keeps no audit log"
+    # The root filesystem is read-only: the log needs a writable mount of its own.
+    (mount,) = [m for m in container["volumeMounts"] if settings.audit.path.is_relative_to(m["mountPath"])]
+    assert not mount.get("readOnly", False)
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume or "persistentVolumeClaim" in volume
+    insecure = settings.hop_insecure if isinstance(settings, GatewaySettings) else settings.insecure
+    assert insecure is False, f"{tier} must not run in plaintext"
+
+
+def test_readme_key_recipe_writes_every_secret_file_privately(
+    base: dict[tuple[str, str], Doc], kustomization: Doc, operator_base: Path
+) -> None:
+    sources = {source for data in secret_generators(kustomization).values() for source in data.values()}
+    for source in sources:
+        path = operator_base / source
+        assert path.is_file(), f"the README's recipe does not write {source}"
+        if path.name in PRIVATE_FILES or path.name.endswith("-key.pem"):
+            assert path.stat().st_mode & 0o077 == 0, f"{source} is readable by other users"
+    assert not any(Path(source).name == CA_KEY for source in sources), "the CA's key never enters the cluster"
+    # A client with a token for the served model.
+    (client,) = TokenStore.load(operator_base / "keys" / TOKENS_FILE).clients
+    assert client.may_call(MODEL_NAME)
+    # The gateway checks the cloud's certificate for the host it dials; the probe for the name it passes.
+    names = san_names(operator_base / "keys" / CLOUD_CERT)
+    gateway = build_parser().parse_args(tier_container(base[("Deployment", "tiergate-gateway")], "gateway")["args"])
+    assert gateway.cloud.rpartition(":")[0] in names
+    cloud = tier_container(base[("Deployment", "tiergate-cloud")], "cloud")
+    assert cloud["readinessProbe"]["exec"]["command"][-1] in names
+    # No shell redirect writes key material (it would land world-readable under a usual umask).
+    text = README.read_text(encoding="utf-8")
+    assert not re.search(r">\s*\S*(keys|keyring)/", text)
+    assert "--keyring" not in text
+
+
+async def test_each_pods_key_files_make_the_mtls_hop_and_the_cloud_probe(
+    base: dict[tuple[str, str], Doc], kustomization: Doc, operator_base: Path, tmp_path: Path
+) -> None:
+    settings: dict[str, Any] = {}
+    key_dirs: dict[str, Path] = {}
+    for tier in TIERS:
+        deployment = base[("Deployment", f"tiergate-{tier}")]
+        _, volume = key_volume(deployment, tier)
+        files = pod_key_files(deployment, tier, secret_generators(kustomization))
+        key_dirs[tier] = copy_pod_key_dir(tmp_path / tier, files, operator_base, volume["projected"]["defaultMode"])
+        # As `serve --keys DIR` does: the pod's files alone must satisfy its server.
+        settings[tier] = tier_settings(env_of(tier_container(deployment, tier)), tier)
+        settings[tier].keys_dir = key_dirs[tier]
+        apply_key_dir(settings[tier])
+        load_keyring(settings[tier].keyring_path)
+    cloud, gateway = settings["cloud"], settings["gateway"]
+    assert TokenStore.load(gateway.auth.tokens_path).clients
+
+    gateway_args = build_parser().parse_args(
+        tier_container(base[("Deployment", "tiergate-gateway")], "gateway")["args"]
+    )
+    host = gateway_args.cloud.rpartition(":")[0]
+    server = ManagedServer(lambda _: [], max_message_bytes=1 << 20, credentials=server_credentials(cloud.tls))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        # The hop as the gateway dials it: its client certificate, the cloud's checked for the target's host.
+        assert (
+            await health_call(port, channel_credentials(gateway.hop_tls), host)
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        # Without a client certificate the cloud refuses the connection.
+        ca_only = grpc.ssl_channel_credentials((key_dirs["cloud"] / "ca.pem").read_bytes())
+        with pytest.raises(grpc.aio.AioRpcError):
+            await health_call(port, ca_only, host)
+
+        # The cloud's readiness probe, run on the cloud pod's files alone.
+        cloud_container = tier_container(base[("Deployment", "tiergate-cloud")], "cloud")
+        keys = build_parser().parse_args(cloud_container["args"]).keys
+        _, _, code, _, *rest = cloud_container["readinessProbe"]["exec"]["command"]
+        argv = [str(key_dirs["cloud"] / Path(arg).name) if Path(arg).parent == keys else arg for arg in rest]
+        assert await _run_health_check(code, port, *argv) == 0
+        await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # what SIGTERM does first
+        assert await _run_health_check(code, port, *argv) != 0
+    finally:
+        await server.stop(0)
 
 
 def test_pods_run_restricted(base: dict[tuple[str, str], Doc], kustomization: Doc) -> None:
@@ -400,14 +663,14 @@ def test_service_monitor_scrapes_each_tiers_metrics_port(base: dict[tuple[str, s
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[tuple[str, str], Doc]]:
+def rendered(tmp_path_factory: pytest.TempPathFactory, operator_base: Path) -> dict[str, dict[tuple[str, str], Doc]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not on PATH")
     tree = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(K8S, tree)
-    # The operator's keyring file, as the README has them create it.
-    Keyring.generate().save(tree / "base" / "keyring" / "seal-keys.json")
+    # The operator's key directory, as the README's recipe writes it.
+    shutil.copytree(operator_base / "keys", tree / "base" / "keys", dirs_exist_ok=True)
     # Each overlay with every component enabled, as the overlays' comments show.
     for overlay in OVERLAYS:
         with_components = tree / "overlays" / f"{overlay}+components"
@@ -439,8 +702,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[tuple[s
 
 
 @pytest.mark.parametrize("overlay", RENDERINGS)
-def test_overlay_renders_into_one_namespace_with_the_generated_secret(
-    rendered: dict[str, dict[tuple[str, str], Doc]], overlay: str
+def test_overlay_renders_into_one_namespace_with_the_generated_secrets(
+    rendered: dict[str, dict[tuple[str, str], Doc]], kustomization: Doc, overlay: str
 ) -> None:
     docs = rendered[overlay]
     assert {kind for kind, _ in docs} >= {
@@ -450,10 +713,14 @@ def test_overlay_renders_into_one_namespace_with_the_generated_secret(
     for (kind, name), doc in docs.items():
         if kind != "Namespace":
             assert doc["metadata"]["namespace"] == "tiergate", (kind, name)
-    (secret,) = [name for kind, name in docs if kind == "Secret"]
+    # Fixed names: an updated Secret reaches the running pods in place (key rotation, tokens).
+    generators = secret_generators(kustomization)
+    secrets = {name: {key: key for key in doc["data"]} for (kind, name), doc in docs.items() if kind == "Secret"}
+    assert {name: set(data) for name, data in secrets.items()} == {name: set(data) for name, data in generators.items()}
+    assert not any(CA_KEY in data for data in secrets.values())
     for tier in TIERS:
-        volumes = docs[("Deployment", f"tiergate-{tier}")]["spec"]["template"]["spec"]["volumes"]
-        assert secret in {v["secret"]["secretName"] for v in volumes if "secret" in v}
+        files = pod_key_files(docs[("Deployment", f"tiergate-{tier}")], tier, secrets)
+        assert not set(files) & NOT_FOR[tier], (tier, sorted(set(files) & NOT_FOR[tier]))
 
 
 def test_edge_gpu_overlay_puts_the_gateway_on_gpu_nodes(rendered: dict[str, dict[tuple[str, str], Doc]]) -> None:
@@ -507,7 +774,8 @@ def test_compose_services_and_gateway_target(compose: Doc) -> None:
     cloud, gateway = compose_args(services["cloud"]), compose_args(services["gateway"])
     host, _, port = gateway.cloud.rpartition(":")
     assert host == "cloud" and int(port) == cloud.port
-    assert gateway.keyring == cloud.keyring and gateway.models == cloud.models
+    assert gateway.keys == cloud.keys is not None and gateway.models == cloud.models
+    assert gateway.keyring is None and cloud.keyring is None, "--keys names the keyring"
     assert services["gateway"]["depends_on"]["cloud"]["condition"] == "service_healthy"
     for one_shot in ("keys", "models"):
         assert services["cloud"]["depends_on"][one_shot]["condition"] == "service_completed_successfully"
@@ -519,11 +787,16 @@ def test_compose_tier_health_mounts_and_tracing(compose: Doc, tier: str) -> None
     args = compose_args(service)
     assert args.host == "0.0.0.0"
     test = service["healthcheck"]["test"]
-    assert test[:3] == ["CMD", "python", "-c"] and test[-1] == str(args.port)
-    for path in (args.models, args.keyring):
-        (volume,) = [v.split(":")[0] for v in service["volumes"] if path.is_relative_to(v.split(":")[1])]
-        assert volume in compose["volumes"], f"{path} is not on a named volume"
+    assert test[:3] == ["CMD", "python", "-c"] and test[4] == str(args.port)
     env = service["environment"]
+    settings = tier_settings(env, tier)
+    assert settings.audit.path is not None
+    insecure = settings.hop_insecure if isinstance(settings, GatewaySettings) else settings.insecure
+    assert insecure is False, f"{tier} must not run in plaintext"
+    for path, read_only in ((args.models, True), (args.keys, True), (settings.audit.path, False)):
+        (volume,) = [v.split(":") for v in service["volumes"] if path.is_relative_to(v.split(":")[1])]
+        assert volume[0] in compose["volumes"], f"{path} is not on a named volume"
+        assert (volume[2:] == ["ro"]) == read_only, volume
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
     assert env["OTEL_SERVICE_NAME"] == f"tiergate-{tier}"
     assert telemetry.resolve(tier_settings(env, tier).tracing, f"tiergate-{tier}", env=env).exporting
@@ -556,32 +829,66 @@ def test_compose_jaeger_takes_otlp(compose: Doc) -> None:
     assert any(port.endswith(":4317") for port in jaeger["ports"])
 
 
-def test_compose_one_shots_fill_the_paths_the_tiers_read(compose: Doc, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def compose_keys(
+    compose: Doc, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[str], list[dict[str, bytes]]]:
+    """The `keys` one-shot's script run twice against a scratch /keys: the directory, each run's output and files."""
+    env = cli_env()
+    service = compose["services"]["keys"]
+    assert service["entrypoint"] == ["sh", "-c"]
+    (script,) = service["command"]
+    assert not re.search(r"(?<!\$)\$(?!\$)", script), "compose interpolates a lone $; write $$"
+    directory = tmp_path_factory.mktemp("compose") / "keys"
+    script = script.replace("$$", "$").replace("/keys", str(directory))
+    outputs, snapshots = [], []
+    for _ in range(2):
+        run = subprocess.run(["sh", "-c", script], check=False, env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        outputs.append(run.stdout)
+        snapshots.append({p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()})
+    return directory, outputs, snapshots
+
+
+def test_compose_keys_one_shot_writes_the_key_directory_once(
+    compose: Doc, compose_keys: tuple[Path, list[str], list[dict[str, bytes]]]
+) -> None:
+    directory, (first, second), (before, after) = compose_keys
+    services = compose["services"]
+    cloud, gateway = compose_args(services["cloud"]), compose_args(services["gateway"])
+    assert f"tiergate keys init {cloud.keys}" in services["keys"]["command"][0]
+    assert set(before) == set(KEY_DIR_FILES)
+    assert after == before, "a second run must keep the existing key directory"
+    for name in PRIVATE_FILES:
+        assert (directory / name).stat().st_mode & 0o077 == 0, name
+    # The first run prints the demo client's token, last; it opens the served model.
+    token = first.split()[-1]
+    client = TokenStore.load(directory / TOKENS_FILE).authenticate(token)
+    assert client is not None and client.may_call(MODEL_NAME)
+    assert token not in second
+    # The cloud's certificate names the host the gateway dials and the one its healthcheck checks.
+    names = san_names(directory / CLOUD_CERT)
+    assert gateway.cloud.rpartition(":")[0] in names
+    assert services["cloud"]["healthcheck"]["test"][-1] in names
+
+
+def test_compose_one_shots_fill_the_paths_the_tiers_read(compose: Doc) -> None:
     services = compose["services"]
     cloud = compose_args(services["cloud"])
     assert f"mv /models/.build {cloud.models}" in services["models"]["command"][0]
     assert services["models"]["build"]["target"] == "train"
-
-    # Run the keys one-shot's own code, twice, against a scratch path.
-    code = services["keys"]["command"][0]
-    assert str(cloud.keyring) in code
-    path = tmp_path / "seal-keys.json"
-    one_shot = compile(code.replace(str(cloud.keyring), str(path)), "keys", "exec")
-    exec(one_shot, {})
-    first = path.read_text(encoding="utf-8")
-    exec(one_shot, {})
-    assert path.read_text(encoding="utf-8") == first, "a second run must keep the existing keyring"
-    assert path.stat().st_mode & 0o077 == 0
-    Keyring.load(path)
+    for one_shot, path in (("keys", cloud.keys), ("models", cloud.models)):
+        (volume,) = [v for v in services[one_shot]["volumes"] if path.is_relative_to(v.split(":")[1])]
+        assert not volume.endswith(":ro"), f"{one_shot} must write {path}"
 
     context = (COMPOSE.parent / services["cloud"]["build"]["context"]).resolve()
     assert (context / "pyproject.toml").is_file()
     assert (context / services["cloud"]["build"]["dockerfile"]).resolve() == DOCKERFILE.resolve()
 
 
-async def _run_health_check(code: str, port: int) -> int:
+async def _run_health_check(code: str, port: int, *args: str) -> int:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, str(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        sys.executable, "-c", code, str(port), *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     return await asyncio.wait_for(process.wait(), timeout=20)
 
@@ -594,6 +901,33 @@ async def test_compose_healthcheck_follows_the_servers_health(compose: Doc) -> N
         assert await _run_health_check(code, port) == 0
         await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # what SIGTERM does first
         assert await _run_health_check(code, port) != 0
+    finally:
+        await server.stop(0)
+
+
+async def test_compose_cloud_healthcheck_speaks_mtls(
+    compose: Doc, base: dict[tuple[str, str], Doc], compose_keys: tuple[Path, list[str], list[dict[str, bytes]]]
+) -> None:
+    directory = compose_keys[0]
+    service = compose["services"]["cloud"]
+    keys = compose_args(service).keys
+    _, _, _, code, _, *rest = service["healthcheck"]["test"]
+    # One health script for compose and the Kubernetes readiness probe.
+    assert (
+        code == tier_container(base[("Deployment", "tiergate-cloud")], "cloud")["readinessProbe"]["exec"]["command"][2]
+    )
+    settings = tier_settings(service["environment"], "cloud")
+    settings.keys_dir = directory
+    apply_key_dir(settings)
+    server = ManagedServer(lambda _: [], max_message_bytes=1 << 20, credentials=server_credentials(settings.tls))
+    port = await server.start("127.0.0.1", 0)
+    argv = [str(directory / Path(arg).relative_to(keys)) if Path(arg).is_relative_to(keys) else arg for arg in rest]
+    try:
+        assert await _run_health_check(code, port, *argv) == 0
+        # The plaintext check cannot reach a port that takes mTLS only.
+        assert await _run_health_check(compose["services"]["gateway"]["healthcheck"]["test"][3], port) != 0
+        await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert await _run_health_check(code, port, *argv) != 0
     finally:
         await server.stop(0)
 
@@ -629,6 +963,12 @@ def exposed_metric_names() -> set[str]:
 def test_readme_names_exactly_the_metrics_the_servers_export() -> None:
     named = set(re.findall(r"\btiergate_[a-z0-9_]+", README.read_text(encoding="utf-8")))
     assert named == exposed_metric_names()
+
+
+def test_every_tiergate_variable_in_deploy_names_a_setting() -> None:
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".md")):
+        for name in set(re.findall(r"\bTIERGATE_[A-Z0-9_]+", path.read_text(encoding="utf-8"))):
+            assert name in TIERGATE_NON_SETTINGS or setting_exists(name), f"{path.name}: {name} is no setting"
 
 
 def test_readme_documents_the_ports_and_components() -> None:

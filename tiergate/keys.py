@@ -393,8 +393,9 @@ def _check_files(directory: Path, names: Iterable[str]) -> None:
             f"key directory {directory} lacks {', '.join(missing)}; create it with `tiergate keys init {directory}`"
         )
     for name in names:
-        if name in PRIVATE_FILES and stat.S_IMODE((directory / name).stat().st_mode) & 0o077:
-            logger.warning("%s is readable by other users; chmod 600 it", directory / name)
+        # Group bits are how a Secret volume (0440 with fsGroup) lets the server's group read; others' are not.
+        if name in PRIVATE_FILES and stat.S_IMODE((directory / name).stat().st_mode) & 0o007:
+            logger.warning("%s is readable by other users; chmod 600 it (or 640 for a group)", directory / name)
 
 
 def apply_key_dir(settings: GatewaySettings | CloudSettings) -> None:
