@@ -265,7 +265,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from app.bench import run_bench
 
-    return run_bench(args.models, args.data, args.keys, requests=args.requests, calls=args.calls)
+    skip = [name for name in (args.skip or "").split(",") if name]
+    return run_bench(args.models, args.data, args.keys, requests=args.requests, calls=args.calls, skip=skip)
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -471,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--requests", type=int, default=2000, help="end-to-end requests")
     bench.add_argument("--calls", type=int, default=1000, help="timed batch-1 calls per model")
+    bench.add_argument(
+        "--skip", default=None, help="comma-separated sections to leave out: tracing (3 stacks at once), sealing"
+    )
     bench.set_defaults(handler=_bench)
     return parser
 

@@ -51,10 +51,14 @@ def test_demo_runs_and_summarises(tiny_models: Path, tmp_path: Path) -> None:
 
 
 def test_bench_prints_setup_models_and_tier_paths(tiny_models: Path, tmp_path: Path) -> None:
+    # The tracing-cost section starts three more stacks; its parts are tested in tests/test_bench.py.
+    keys = str(tmp_path / "keys")
     out = run_cli(
-        "bench", "--models", str(tiny_models), "--keys", str(tmp_path / "keys"), "--calls", "40", "--requests", "60"
+        "bench", "--models", str(tiny_models), "--keys", keys, "--calls", "40", "--requests", "60", "--skip", "tracing"
     )
     assert "setup:" in out and "onnxruntime" in out
     for row in ("edge int8", "edge qdq", "edge fp32", "cloud fp32", "cloud (client hint)"):
         assert row in out
     assert "ratios: cloud/edge-int8 batch-1 p50" in out and "ratio: cloud-path/edge-path p50" in out
+    assert "sealing cost:" in out and "tracing cost:" not in out
+    assert any(line.startswith("mutual TLS") and "1 KiB" in line for line in out.splitlines())
