@@ -88,13 +88,25 @@ class CloudTier:
         ]
         # `credentials`: mutual TLS under the sealed envelopes (a balancer that ends TLS sees ciphertext only).
         self.secure = credentials is not None
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(
-                target, credentials, options=options, interceptors=list(interceptors) or None
-            )
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors) or None)
+        self._target, self._options, self._interceptors = target, options, list(interceptors)
+        self._channel = self._open_channel(credentials)
         self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def _open_channel(self, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+        interceptors = self._interceptors or None
+        if credentials is None:
+            return grpc.aio.insecure_channel(self._target, options=self._options, interceptors=interceptors)
+        return grpc.aio.secure_channel(self._target, credentials, options=self._options, interceptors=interceptors)
+
+    def use_credentials(self, credentials: grpc.ChannelCredentials, grace_s: float = 30.0) -> None:
+        """New calls go over a channel with `credentials` (renewed certificates); calls in flight on the old
+        one finish within `grace_s` before it closes. Call from the event loop."""
+        old, self._channel = self._channel, self._open_channel(credentials)
+        self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
+        task = asyncio.get_running_loop().create_task(old.close(grace=grace_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _timeout(self, deadline: float | None) -> float:
         if deadline is None:
@@ -147,3 +159,5 @@ class CloudTier:
 
     async def close(self) -> None:
         await self._channel.close()
+        for task in list(self._retiring):
+            await task

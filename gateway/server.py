@@ -25,7 +25,7 @@ from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, require_tls_or_insecure
-from tiergate.settings import AuthSettings, GatewaySettings
+from tiergate.settings import AuthSettings, GatewaySettings, TlsSettings
 from tiergate.telemetry import Tracing
 from tiergate.tls import channel_credentials, channel_options, server_credentials
 from tiergate.tokens import TokenStore
@@ -129,6 +129,7 @@ class GatewayServer:
         roles = [EDGE_VARIANT_ROLES["int8"]] if "edge" in settings.chain else []
         manifest = load_manifest(settings.models_dir, roles=roles)
         self.tiers = build_tiers(settings, manifest, self.sealer, self.tracing, self.metrics)
+        self._watch_hop_certificates(settings.hop_tls)
         cascade = Cascade(
             self.tiers,
             routing_policy(settings, manifest),
@@ -177,6 +178,19 @@ class GatewayServer:
             # The public port is plaintext unless given a certificate: TLS usually ends at the balancer in front.
             credentials=server_credentials(settings.public_tls),
         )
+
+    def _watch_hop_certificates(self, tls: TlsSettings) -> None:
+        """Renewed hop certificates (CA, ours) take effect for new calls without a restart."""
+        files = [Path(p) for p in (tls.ca, tls.cert, tls.key) if p is not None]
+        hops = [tier for tier in self.tiers if isinstance(tier, CloudTier) and tier.secure]
+        if not files or not hops:
+            return
+
+        def renewed(credentials: grpc.ChannelCredentials) -> None:
+            for tier in hops:
+                tier.use_credentials(credentials)
+
+        self.boundary.watch(files, lambda: channel_credentials(tls), renewed, "the hop's TLS files")
 
     def _client_directory(self, auth: AuthSettings) -> TokenStore | None:
         if not auth.enabled:

@@ -282,3 +282,37 @@ async def test_the_public_port_serves_tls_and_knows_clients_by_their_certificate
     # A plaintext client cannot talk to a TLS port at all.
     with pytest.raises(grpc.aio.AioRpcError):
         await call(stack.target, infer_request(["whole milk"]))
+
+
+async def test_renewed_hop_certificates_are_used_without_a_restart(
+    start_stack: StackFactory, key_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from tiergate.keys import mint_client_cert
+
+    keys = tmp_path / "keys"
+    shutil.copytree(key_dir, keys)
+    _, token = new_client(keys, ["*"])
+    stack = await start_stack(keys=keys, token=token, threshold=1.0)
+    hop = stack.gateway.tiers[-1]
+    first = hop._channel  # type: ignore[attr-defined]
+
+    # A renewed gateway certificate from the same CA replaces the old one in place.
+    cert, key = mint_client_cert(keys, "tiergate-gateway-renewed")
+    shutil.copyfile(cert, keys / "gateway.pem")
+    shutil.copyfile(key, keys / "gateway-key.pem")
+    stack.gateway.boundary.reload()
+    await asyncio.sleep(0.1)
+    assert hop._channel is not first  # type: ignore[attr-defined]
+    reply = await stack.stub.ModelInfer(infer_request(["whole milk"]), timeout=10.0)
+    assert not reply.parameters["degraded"].bool_param, "the cloud accepted the renewed certificate"
+
+    # A broken certificate file is refused; the last good channel stays.
+    second = hop._channel  # type: ignore[attr-defined]
+    (keys / "gateway.pem").write_text("not a certificate", encoding="utf-8")
+    stack.gateway.boundary.reload()
+    await asyncio.sleep(0.1)
+    assert hop._channel is second and "is not a PEM certificate" in caplog.text  # type: ignore[attr-defined]
+    reply = await stack.stub.ModelInfer(infer_request(["whole milk"]), timeout=10.0)
+    assert not reply.parameters["degraded"].bool_param

@@ -7,7 +7,7 @@ watches its keyring (and any other file handed to it) for changes and SIGHUP, an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,9 +45,12 @@ class Boundary:
         self._watches: list[FileWatch[Any]] = []
         self._undo_sighup: Callable[[], None] | None = None
 
-    def watch(self, path: Path, load: Callable[[], T], on_change: Callable[[T], None], name: str) -> None:
-        """Reload `path` with `load` on change or SIGHUP and hand the new value to `on_change`."""
-        self._watches.append(FileWatch([path], load, on_change, name=name))
+    def watch(
+        self, paths: Path | Sequence[Path], load: Callable[[], T], on_change: Callable[[T], None], name: str
+    ) -> None:
+        """Reload `paths` with `load` on change or SIGHUP and hand the new value to `on_change`."""
+        files = [paths] if isinstance(paths, Path) else list(paths)
+        self._watches.append(FileWatch(files, load, on_change, name=name))
 
     def watch_keyring(self, path: Path, sealer: Sealer) -> None:
         def rotated(keyring: Keyring) -> None:

@@ -93,8 +93,29 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     return ReloadingServerCertificates(tls).credentials()
 
 
+def check_pem(tls: TlsSettings) -> None:
+    """Raise ValueError, naming the file, unless every configured file parses as what it should be."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    for path, what in ((tls.ca, "CA"), (tls.cert, "certificate")):
+        data = _read(path, what)
+        if data is not None:
+            try:
+                x509.load_pem_x509_certificates(data)
+            except ValueError:
+                raise ValueError(f"{path} is not a PEM {what}") from None
+    key = _read(tls.key, "private key")
+    if key is not None:
+        try:
+            serialization.load_pem_private_key(key, password=None)
+        except (ValueError, TypeError):
+            raise ValueError(f"{tls.key} is not an unencrypted PEM private key") from None
+
+
 def channel_credentials(tls: TlsSettings) -> grpc.ChannelCredentials:
     """Client credentials for the hop: the server's CA, and this side's certificate for mutual TLS."""
+    check_pem(tls)
     if tls.ca is None:
         raise ValueError("the hop's TLS needs the CA that signs the cloud's certificate (hop_tls.ca)")
     if (tls.cert is None) != (tls.key is None):
