@@ -78,14 +78,15 @@ async def _serve_gateway(args: argparse.Namespace) -> int:
     # fails in a moment, and is never created here (`tiergate keys init` does that).
     try:
         apply_key_dir(settings)
-        keyring = load_keyring(settings.keyring_path) if "cloud" in settings.chain else None
+        if "cloud" in settings.chain:
+            load_keyring(settings.keyring_path)  # checked here; the server reads it again, and watches it
     except KeyDirError as error:
         return _key_error(error)
 
     from gateway.server import GatewayServer
 
     try:
-        server = GatewayServer(settings, keyring)
+        server = GatewayServer(settings)
     except ValueError as error:  # settings that cannot work together: say which, no traceback
         return _key_error(error)
     port = await server.start()
@@ -103,14 +104,14 @@ async def _serve_cloud(args: argparse.Namespace) -> int:
         settings.keys_dir = args.keys
     try:
         apply_key_dir(settings)
-        keyring = load_keyring(settings.keyring_path)
+        load_keyring(settings.keyring_path)  # checked here; the server reads it again, and watches it
     except KeyDirError as error:
         return _key_error(error)
 
     from cloud_runtime.server import CloudServer
 
     try:
-        server = CloudServer(settings, keyring)
+        server = CloudServer(settings)
     except ValueError as error:
         return _key_error(error)
     port = await server.start()

@@ -49,8 +49,10 @@ class CloudServer:
         self.metrics_server = MetricsServer(self.metrics.registry) if settings.metrics.enabled else None
         credentials = serving_credentials(settings.tls, settings.insecure, "the cloud tier's port", "insecure")
         self.boundary = Boundary(settings.audit)
+        # A keyring read from its file is watched and reloads; one handed in is the caller's to manage.
         self.sealer = Sealer(keyring if keyring is not None else load_keyring(settings.keyring_path))
-        self.boundary.watch_keyring(settings.keyring_path, self.sealer)
+        if keyring is None:
+            self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         manifest = load_manifest(settings.models_dir, roles=CLOUD_ROLES)
         model = CloudModel.load(settings.models_dir, manifest, intra_op_threads=settings.intra_op_threads)
         self.servicer = CloudInferenceServicer(

@@ -121,10 +121,12 @@ class GatewayServer:
         self.metrics_server = MetricsServer(self.metrics.registry) if settings.metrics.enabled else None
         self.boundary = Boundary(settings.audit)
         remote = any(name != "edge" for name in settings.chain)
-        if keyring is None and remote:
+        # A keyring read from its file is watched and reloads; one handed in is the caller's to manage.
+        from_file = keyring is None and remote
+        if from_file:
             keyring = load_keyring(settings.keyring_path)
         self.sealer = Sealer(keyring) if keyring is not None else None
-        if self.sealer is not None and remote:
+        if self.sealer is not None and from_file:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         roles = [EDGE_VARIANT_ROLES["int8"]] if "edge" in settings.chain else []
         manifest = load_manifest(settings.models_dir, roles=roles)

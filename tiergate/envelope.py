@@ -91,18 +91,26 @@ class Keyring:
         return cls.load(path)
 
 
+_DIRECTIONS: dict[str, bytes] = {"request": b"request", "response": b"response"}
+
+
 def _associated_data(envelope: cloud_pb2.Envelope, direction: Direction) -> bytes:
     # Binding the clear header fields means a changed key id, request id,
     # timestamp or direction makes the tag check fail.
+    return _header(direction, envelope.version, envelope.key_id, envelope.request_id, envelope.issued_at_unix_ms)
+
+
+def _header(direction: Direction, version: int, key_id: str, request_id: str, issued_at_ms: int) -> bytes:
+    """The associated data, from the header's values (sealing has them at hand; no field reads)."""
     return b"|".join(
-        [
+        (
             b"tiergate.cloud.v1",
-            direction.encode(),
-            str(envelope.version).encode(),
-            envelope.key_id.encode(),
-            envelope.request_id.encode(),
-            str(envelope.issued_at_unix_ms).encode(),
-        ]
+            _DIRECTIONS[direction],
+            str(version).encode(),
+            key_id.encode(),
+            request_id.encode(),
+            str(issued_at_ms).encode(),
+        )
     )
 
 
@@ -124,39 +132,41 @@ class Sealer:
         return self._keyring.active_key_id
 
     def seal(self, message: Message, *, request_id: str, direction: Direction) -> cloud_pb2.Envelope:
-        envelope = cloud_pb2.Envelope(
+        keyring, ciphers = self._keyring, self._ciphers  # one rotation-consistent view
+        key_id = keyring.active_key_id
+        nonce = os.urandom(NONCE_BYTES)
+        issued = int(self._clock() * 1000)
+        aad = _header(direction, ENVELOPE_VERSION, key_id, request_id, issued)
+        ciphertext = ciphers[key_id].encrypt(nonce, message.SerializeToString(), aad)
+        return cloud_pb2.Envelope(
             version=ENVELOPE_VERSION,
-            key_id=self._keyring.active_key_id,
-            nonce=os.urandom(NONCE_BYTES),
+            key_id=key_id,
+            nonce=nonce,
             request_id=request_id,
-            issued_at_unix_ms=int(self._clock() * 1000),
+            issued_at_unix_ms=issued,
+            ciphertext=ciphertext,
         )
-        cipher = self._ciphers[envelope.key_id]
-        envelope.ciphertext = cipher.encrypt(
-            envelope.nonce, message.SerializeToString(), _associated_data(envelope, direction)
-        )
-        return envelope
 
     def open(self, envelope: cloud_pb2.Envelope, message_type: type[M], *, direction: Direction) -> M:
         """Authenticate and decrypt; raise `SealError` (cause `malformed`, `unknown_key_id` or `tampered`).
 
         Authentication only: whether the envelope is fresh and new is `tiergate.replay`'s to decide, after this.
         """
-        if envelope.version != ENVELOPE_VERSION:
+        version, key_id, nonce = envelope.version, envelope.key_id, envelope.nonce
+        if version != ENVELOPE_VERSION:
             raise SealError(
-                f"envelope is malformed (tampered or truncated): unsupported envelope version {envelope.version}; "
+                f"envelope is malformed (tampered or truncated): unsupported envelope version {version}; "
                 f"expected {ENVELOPE_VERSION}"
             )
-        cipher = self._ciphers.get(envelope.key_id)
+        cipher = self._ciphers.get(key_id)
         if cipher is None:
             # The id is the sender's text: echo a bounded prefix of it only.
-            raise SealError(
-                f"envelope sealed with unknown key id {envelope.key_id[:_ECHO_CHARS]!r}", cause="unknown_key_id"
-            )
-        if len(envelope.nonce) != NONCE_BYTES:
+            raise SealError(f"envelope sealed with unknown key id {key_id[:_ECHO_CHARS]!r}", cause="unknown_key_id")
+        if len(nonce) != NONCE_BYTES:
             raise SealError("envelope is malformed (tampered or truncated): its nonce has the wrong length")
+        aad = _header(direction, version, key_id, envelope.request_id, envelope.issued_at_unix_ms)
         try:
-            plaintext = cipher.decrypt(envelope.nonce, envelope.ciphertext, _associated_data(envelope, direction))
+            plaintext = cipher.decrypt(nonce, envelope.ciphertext, aad)
         except InvalidTag:
             raise SealError(
                 "envelope failed authentication (tampered, or sealed with another key)", cause="tampered"
