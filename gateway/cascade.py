@@ -231,6 +231,11 @@ class TieredModel:
     def ready(self) -> bool:
         return self.cascade.ready()
 
+    @property
+    def tier_names(self) -> list[str]:
+        """The chain's tiers, in escalation order."""
+        return [tier.name for tier in self.cascade.tiers]
+
     async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
         started = time.perf_counter()
         with self.metrics.inflight.labels(model=self.name).track_inprogress():

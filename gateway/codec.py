@@ -70,13 +70,17 @@ def _rows(shape: Sequence[int]) -> int:
 def _hint(request: pb.ModelInferRequest) -> Hint:
     if HINT_PARAMETER not in request.parameters:
         return Hint.AUTO
-    value = request.parameters[HINT_PARAMETER].string_param
+    parameter = request.parameters[HINT_PARAMETER]
+    kind = parameter.WhichOneof("parameter_choice")
+    allowed = ", ".join(h.value for h in Hint)
+    if kind != "string_param":
+        sent = "no value" if kind is None else f"{kind} {getattr(parameter, kind)!r}"
+        raise InvalidInputError(f"parameter {HINT_PARAMETER!r} must be a string, one of {allowed}; got {sent}")
     try:
-        return Hint(value)
+        return Hint(parameter.string_param)
     except ValueError:
-        allowed = ", ".join(h.value for h in Hint)
         raise InvalidInputError(
-            f"parameter {HINT_PARAMETER!r} must be a string, one of {allowed}; got {value!r}"
+            f"parameter {HINT_PARAMETER!r} must be one of {allowed}; got {parameter.string_param!r}"
         ) from None
 
 
@@ -141,9 +145,17 @@ def _bytes_raw(values: Sequence[bytes]) -> bytes:
 
 
 def encode_response(
-    batch: TextBatch, result: CascadeResult, *, model_name: str, model_version: str
+    batch: TextBatch,
+    result: CascadeResult,
+    *,
+    model_name: str,
+    model_version: str,
+    chain: Sequence[str] = (),
 ) -> pb.ModelInferResponse:
-    """Build the OIP response: outputs label/confidence/tier plus routing parameters."""
+    """Build the OIP response: outputs label/confidence/tier plus routing parameters.
+
+    `<tier>_rows` is sent for every tier of `chain`, zero included, so callers need not guess.
+    """
     n = len(result.rows)
     byte_columns = {
         LABEL_OUTPUT: [row.label.encode("utf-8") for row in result.rows],
@@ -169,7 +181,7 @@ def encode_response(
     reasons = ["+".join(reason.value for reason in row.reasons) for row in result.rows]
     response.parameters[REASONS_PARAMETER].string_param = json.dumps(reasons)
     tiers = [row.tier for row in result.rows]
-    for tier in dict.fromkeys(tiers):
+    for tier in dict.fromkeys([*chain, *tiers]):
         response.parameters[f"{tier}{ROWS_PARAMETER_SUFFIX}"].int64_param = tiers.count(tier)
     response.parameters[DEGRADED_PARAMETER].bool_param = result.degraded
     return response

@@ -105,4 +105,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         result = await model.infer(batch.texts, batch.hint, deadline)
         audit_detail(tiers=result.rows_by_tier(), reasons=result.reason_counts(), degraded=result.degraded)
-        return encode_response(batch, result, model_name=model.name, model_version=model.version)
+        return encode_response(
+            batch, result, model_name=model.name, model_version=model.version, chain=model.tier_names
+        )

@@ -155,3 +155,26 @@ def test_encode_metadata() -> None:
         ("confidence", "FP32", [-1]),
         ("tier", "BYTES", [-1]),
     ]
+
+
+@pytest.mark.parametrize(
+    ("set_value", "said"),
+    [
+        (lambda p: setattr(p, "int64_param", 3), "got int64_param 3"),
+        (lambda p: setattr(p, "bool_param", True), "got bool_param True"),
+        (lambda p: setattr(p, "string_param", "fast"), "got 'fast'"),
+    ],
+)
+def test_a_bad_tier_hint_says_what_was_sent(set_value: object, said: str) -> None:
+    req = request([b"milk"])
+    set_value(req.parameters["tier"])  # type: ignore[operator]
+    with pytest.raises(InvalidInputError, match=said):
+        decode_request(req, LIMITS)
+
+
+def test_rows_per_tier_are_sent_for_every_tier_of_the_chain_zero_included() -> None:
+    batch = decode_request(request([b"milk"]), LIMITS)
+    result = CascadeResult(rows=[RowAnswer("dairy", 0.9, "edge")])
+    response = encode_response(batch, result, model_name="m", model_version="1", chain=["edge", "cloud"])
+    assert response.parameters["edge_rows"].int64_param == 1
+    assert "cloud_rows" in response.parameters and response.parameters["cloud_rows"].int64_param == 0
