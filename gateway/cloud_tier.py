@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from gateway.metrics import GatewayMetrics
@@ -22,6 +25,8 @@ from tiergate.logs import REQUEST_ID
 from tiergate.replay import FreshnessCheck
 from tiergate.settings import ReplaySettings
 from tiergate.telemetry import timed_span
+
+logger = logging.getLogger(__name__)
 
 # Retries are the channel's job, declared here rather than hand-rolled. Only UNAVAILABLE is
 # retried: the call then normally never reached the servicer. A retry resends the identical
@@ -45,6 +50,11 @@ _SERVICE_CONFIG = json.dumps(
         ]
     }
 )
+# The service name the cloud's health reports on (one per registered service).
+CLOUD_SERVICE = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
+# Between two attempts to watch the hop's health (doubling up to the max).
+HEALTH_RETRY_MIN_S = 0.2
+HEALTH_RETRY_MAX_S = 5.0
 # Below this much time left, escalating cannot succeed; answer from the edge instead.
 MIN_CALL_BUDGET_S = 0.005
 
@@ -92,6 +102,9 @@ class CloudTier:
         self._channel = self._open_channel(credentials)
         self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._serving: bool | None = None  # unknown until the health service first answers (or fails)
+        self._watch: asyncio.Task[None] | None = None
+        logger.info("tier %s reaches the cloud at %s over %s", name, target, "mTLS" if self.secure else "plaintext")
 
     def _open_channel(self, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         interceptors = self._interceptors or None
@@ -155,9 +168,42 @@ class CloudTier:
         return [Prediction(p.label, p.confidence) for p in response.predictions]
 
     def ready(self) -> bool:
-        return True
+        """What the cloud's own health service last said (False until it has said SERVING)."""
+        return self._serving is True
+
+    def start(self) -> None:
+        """Watch the hop's `grpc.health.v1` status in the background, reconnecting with a bounded backoff."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_health(), name=f"{self.name} health")
+
+    def _set_serving(self, serving: bool, why: str) -> None:
+        if serving != self._serving:
+            log = logger.info if serving else logger.warning
+            log("tier %s at %s: %s (%s)", self.name, self._target, "SERVING" if serving else "not serving", why)
+        self._serving = serving
+        self._metrics.tier_ready.labels(tier=self.name).set(1 if serving else 0)
+
+    async def _watch_health(self) -> None:
+        backoff = HEALTH_RETRY_MIN_S
+        request = health_pb2.HealthCheckRequest(service=CLOUD_SERVICE)
+        while True:
+            try:
+                async for reply in health_pb2_grpc.HealthStub(self._channel).Watch(request):
+                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    self._set_serving(serving, "its health service says so")
+                    backoff = HEALTH_RETRY_MIN_S
+                self._set_serving(False, "its health stream ended")
+            except grpc.aio.AioRpcError as error:
+                self._set_serving(False, f"health watch failed with {error.code().name}")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, HEALTH_RETRY_MAX_S)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         await self._channel.close()
         for task in list(self._retiring):
             await task

@@ -75,6 +75,9 @@ class EdgeTier:
     def ready(self) -> bool:
         return True
 
+    def start(self) -> None:
+        pass  # in-process: nothing to watch
+
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._model.close()

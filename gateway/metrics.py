@@ -58,6 +58,9 @@ class GatewayMetrics:
             ["tier", "cause"],
             registry=r,
         )
+        self.tier_ready = Gauge(
+            "tiergate_tier_ready", "1 while a remote tier's own health service reports SERVING.", ["tier"], registry=r
+        )
         self.inflight = Gauge(
             "tiergate_inflight_requests", "ModelInfer calls in progress, by model.", ["model"], registry=r
         )

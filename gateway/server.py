@@ -210,6 +210,8 @@ class GatewayServer:
 
     async def start(self) -> int:
         self.boundary.start()
+        for tier in self.tiers:
+            tier.start()
         port = await self.managed.start(self.settings.host, self.settings.port)
         self.servicer.bound = (self.settings.host, port)
         if self.metrics_server is not None:

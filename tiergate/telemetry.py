@@ -209,7 +209,11 @@ class Tracing:
             if port.isdigit():
                 span.set_attribute("server.port", int(port))
 
-        interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(self.provider, request_hook=annotate)
+        # The gateway's own watch of the cloud's health is not traced either.
+        untraced = filters.negate(filters.service_name(UNTRACED_SERVICES[0]))
+        interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(
+            self.provider, filter_=untraced, request_hook=annotate
+        )
         return interceptors
 
     def shutdown(self) -> None:
