@@ -24,6 +24,9 @@ from tiergate.errors import TierDeadlineError, TierUnavailableError
 
 logger = logging.getLogger(__name__)
 
+# A failing tier is warned about at most this often (the rest are counted into the next warning).
+WARN_EVERY_S = 10.0
+
 
 @dataclass(frozen=True)
 class RowAnswer:
@@ -86,6 +89,7 @@ class Cascade:
         self.policy = policy
         self.data_policy = data_policy if data_policy is not None else BoundaryPolicy()
         self._tracer = tracer or trace.NoOpTracer()
+        self._warned: dict[str, tuple[float, int]] = {}
 
     def ready(self) -> bool:
         # The first tier must be up; later tiers may be down (answers degrade to earlier tiers).
@@ -116,9 +120,7 @@ class Cascade:
             except (TierUnavailableError, TierDeadlineError) as error:
                 if level == 0:
                     raise
-                logger.warning(
-                    "tier %s failed (%s); answering %d rows from earlier tiers", tier.name, error, len(pending)
-                )
+                self._warn_failed(tier.name, error, len(pending))
                 degraded = True
                 await self._fall_back(pending, level, deadline)
                 break
@@ -174,6 +176,17 @@ class Cascade:
                     }
                 )
         return pending
+
+    def _warn_failed(self, tier: str, error: Exception, rows: int) -> None:
+        """One warning per tier per WARN_EVERY_S, saying how many failures it stands for (no flood in an outage)."""
+        now = time.monotonic()
+        last, suppressed = self._warned.get(tier, (-WARN_EVERY_S, 0))
+        if now - last < WARN_EVERY_S:
+            self._warned[tier] = (last, suppressed + 1)
+            return
+        more = f"; {suppressed} more failures since the last warning" if suppressed else ""
+        logger.warning("tier %s failed (%s); answering %d rows from earlier tiers%s", tier, error, rows, more)
+        self._warned[tier] = (now, 0)
 
     def _climbs(self, row: _Row, hint: Hint) -> bool:
         return row.answer is not None and self.policy.escalates(row.answer.confidence, hint)

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from gateway.breaker import CircuitBreaker, State
 from gateway.metrics import GatewayMetrics
 from gateway.tier import Prediction
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
@@ -23,7 +24,7 @@ from tiergate.envelope import Sealer
 from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError
 from tiergate.logs import REQUEST_ID
 from tiergate.replay import FreshnessCheck
-from tiergate.settings import ReplaySettings
+from tiergate.settings import BreakerSettings, ReplaySettings
 from tiergate.telemetry import timed_span
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,19 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
+        # The retry budget: once failures outnumber successes, retries stop until calls succeed again
+        # (each failure costs a token, each success gives back a tenth; retries need more than half).
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
     }
 )
+# Reconnect quickly after an outage; the breaker's probe, not gRPC's default backoff (up to 120 s),
+# decides when traffic returns.
+_RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 # The service name the cloud's health reports on (one per registered service).
 CLOUD_SERVICE = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
 # Between two attempts to watch the hop's health (doubling up to the max).
@@ -78,6 +89,7 @@ class CloudTier:
         clock: Callable[[], float] = time.time,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, str]] = (),
+        breaker: BreakerSettings | None = None,
     ) -> None:
         """`replay.skew_s` is the freshness window for responses (default `ReplaySettings()`), measured on
         `clock`."""
@@ -94,6 +106,7 @@ class CloudTier:
             ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *_RECONNECT_OPTIONS,
             *channel_options,
         ]
         # `credentials`: mutual TLS under the sealed envelopes (a balancer that ends TLS sees ciphertext only).
@@ -103,6 +116,8 @@ class CloudTier:
         self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
         self._retiring: set[asyncio.Task[None]] = set()
         self._serving: bool | None = None  # unknown until the health service first answers (or fails)
+        self.breaker = CircuitBreaker(breaker or BreakerSettings(), on_change=self._breaker_moved)
+        self._metrics.breaker_state.labels(tier=self.name).set(self.breaker.state)
         self._watch: asyncio.Task[None] | None = None
         logger.info("tier %s reaches the cloud at %s over %s", name, target, "mTLS" if self.secure else "plaintext")
 
@@ -129,8 +144,33 @@ class CloudTier:
             raise TierDeadlineError("no time left in the caller's deadline to reach the cloud tier")
         return min(self._timeout_s, remaining)
 
+    def _breaker_moved(self, state: State, why: str) -> None:
+        log = logger.info if state is State.CLOSED else logger.warning
+        log("tier %s circuit %s: %s", self.name, state.name.lower().replace("_", "-"), why)
+        self._metrics.breaker_state.labels(tier=self.name).set(state)
+        self._metrics.breaker_transitions.labels(tier=self.name, state=state.name.lower()).inc()
+
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
         timeout = self._timeout(deadline)
+        if not self.breaker.allow():
+            # Open: answer from the earlier tier at once rather than wait on a hop that keeps failing.
+            raise TierUnavailableError(f"the {self.name} tier's circuit is open; earlier tiers answer")
+        try:
+            predictions = await self._call(texts, timeout)
+        except TierDeadlineError:
+            # Slow against its own timeout is the tier's fault; against a caller's tighter deadline it is not.
+            self.breaker.record(timeout < self._timeout_s)
+            raise
+        except TierUnavailableError:
+            self.breaker.record(False)
+            raise
+        except BaseException:
+            self.breaker.record(True)  # cancelled by the caller: says nothing about the tier
+            raise
+        self.breaker.record(True)
+        return predictions
+
+    async def _call(self, texts: Sequence[str], timeout: float) -> list[Prediction]:
         hop_id = uuid.uuid4().hex
         # The gateway's request id rides sealed too, so one id joins both tiers' logs; the clear metadata stays
         # for tracing and for the cloud's records of envelopes it cannot open.
@@ -180,6 +220,11 @@ class CloudTier:
         if serving != self._serving:
             log = logger.info if serving else logger.warning
             log("tier %s at %s: %s (%s)", self.name, self._target, "SERVING" if serving else "not serving", why)
+            # The hop's own health drives the breaker too: down opens it at once, SERVING closes it.
+            if serving:
+                self.breaker.reset("its health service says SERVING")
+            elif self._serving is not None:
+                self.breaker.trip("its health service says it is down")
         self._serving = serving
         self._metrics.tier_ready.labels(tier=self.name).set(1 if serving else 0)
 

@@ -61,6 +61,15 @@ class GatewayMetrics:
         self.tier_ready = Gauge(
             "tiergate_tier_ready", "1 while a remote tier's own health service reports SERVING.", ["tier"], registry=r
         )
+        self.breaker_state = Gauge(
+            "tiergate_breaker_state", "A remote tier's circuit: 0 closed, 1 half-open, 2 open.", ["tier"], registry=r
+        )
+        self.breaker_transitions = Counter(
+            "tiergate_breaker_transitions_total",
+            "Circuit state changes, by tier and new state.",
+            ["tier", "state"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "tiergate_inflight_requests", "ModelInfer calls in progress, by model.", ["model"], registry=r
         )

@@ -95,6 +95,7 @@ def build_tiers(
                     replay=settings.replay,
                     credentials=channel_credentials(settings.hop_tls) if secure else None,
                     channel_options=channel_options(settings.hop_tls) if secure else (),
+                    breaker=settings.breaker,
                 )
             )
         else:

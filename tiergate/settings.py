@@ -188,6 +188,21 @@ class PolicySettings:
 
 
 @dataclass
+class BreakerSettings:
+    """Circuit breaker on each remote tier (see gateway/breaker.py)."""
+
+    enabled: bool = True
+    # Open on this many failed calls in a row...
+    consecutive_failures: int = 5
+    # ...or when this share of the last `window` calls failed (once `min_calls` were made).
+    error_rate: float = 0.5
+    window: int = 20
+    min_calls: int = 10
+    # Open this long before one probe call is let through.
+    cool_off_s: float = 5.0
+
+
+@dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8001
@@ -218,6 +233,7 @@ class GatewaySettings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
 
 @dataclass
