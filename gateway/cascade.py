@@ -6,6 +6,7 @@ first is treated as remote: rows reach it only through the boundary policy (reda
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -110,6 +111,10 @@ class Cascade:
         degraded = False
         for level, tier in enumerate(self.tiers):
             pending = self._route(rows, level, hint) if level > 0 else [row for row in rows if row.start == 0]
+            if pending and level > 0 and not self._in_time(tier, deadline):
+                # The caller's deadline cannot cover this tier's recent latency: answer from the first tier now.
+                await self._answer_from_first(pending, level, deadline, Reason.DEADLINE)
+                continue
             if not pending:
                 continue
             # Request parameters never cross: a tier is handed texts only. A future forwarder of parameters
@@ -122,7 +127,8 @@ class Cascade:
                     raise
                 self._warn_failed(tier.name, error, len(pending))
                 degraded = True
-                await self._fall_back(pending, level, deadline)
+                reason = Reason.DEADLINE if isinstance(error, TierDeadlineError) else Reason.TIER_UNAVAILABLE
+                await self._answer_from_first(pending, level, deadline, reason)
                 break
             for row, answer in zip(pending, answers, strict=True):
                 row.answer, row.tier = answer, tier.name
@@ -191,11 +197,21 @@ class Cascade:
     def _climbs(self, row: _Row, hint: Hint) -> bool:
         return row.answer is not None and self.policy.escalates(row.answer.confidence, hint)
 
-    async def _fall_back(self, rows: list[_Row], failed_level: int, deadline: float | None) -> None:
+    def _in_time(self, tier: Tier, deadline: float | None) -> bool:
+        """Whether the time left covers `tier`'s recent latency plus what answering needs (unknown: try it)."""
+        expected = tier.expected_latency_s()
+        if deadline is None or expected is None:
+            return True
+        remaining = deadline - asyncio.get_running_loop().time()
+        return remaining >= expected + self.policy.deadline_reserve_s
+
+    async def _answer_from_first(
+        self, rows: list[_Row], failed_level: int, deadline: float | None, reason: Reason
+    ) -> None:
         # Rows that already hold an earlier tier's answer keep it; heavy rows that skipped the
         # earlier tiers are answered by the first tier, so no row of the batch is lost.
         for row in rows:
-            row.reasons.append(Reason.TIER_UNAVAILABLE)
+            row.reasons.append(reason)
         missing = [row for row in rows if row.answer is None]
         if missing and failed_level > 0:
             first = self.tiers[0]

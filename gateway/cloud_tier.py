@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,14 +59,18 @@ _SERVICE_CONFIG = json.dumps(
 # decides when traffic returns.
 _RECONNECT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Not grpc.min_reconnect_backoff_ms: gRPC also takes it as the connect timeout, and a short one
+    # would never let a distant (high-latency) cloud finish its handshake.
 ]
 # The service name the cloud's health reports on (one per registered service).
 CLOUD_SERVICE = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
 # Between two attempts to watch the hop's health (doubling up to the max).
 HEALTH_RETRY_MIN_S = 0.2
 HEALTH_RETRY_MAX_S = 5.0
+# The hop latency window, and how many calls it needs before it says anything.
+LATENCY_WINDOW = 256
+LATENCY_MIN_SAMPLES = 20
 # Below this much time left, escalating cannot succeed; answer from the edge instead.
 MIN_CALL_BUDGET_S = 0.005
 
@@ -90,6 +95,7 @@ class CloudTier:
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, str]] = (),
         breaker: BreakerSettings | None = None,
+        deadline_reserve_s: float = 0.02,
     ) -> None:
         """`replay.skew_s` is the freshness window for responses (default `ReplaySettings()`), measured on
         `clock`."""
@@ -116,6 +122,9 @@ class CloudTier:
         self._stub = cloud_pb2_grpc.CloudInferenceStub(self._channel)
         self._retiring: set[asyncio.Task[None]] = set()
         self._serving: bool | None = None  # unknown until the health service first answers (or fails)
+        self._reserve_s = deadline_reserve_s
+        # Recent successful call latencies: what deadline-aware escalation measures a caller's time left against.
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.breaker = CircuitBreaker(breaker or BreakerSettings(), on_change=self._breaker_moved)
         self._metrics.breaker_state.labels(tier=self.name).set(self.breaker.state)
         self._watch: asyncio.Task[None] | None = None
@@ -139,10 +148,18 @@ class CloudTier:
     def _timeout(self, deadline: float | None) -> float:
         if deadline is None:
             return self._timeout_s
-        remaining = deadline - asyncio.get_running_loop().time()
+        # Keep back the time the gateway needs to answer from the edge if this call does not come back.
+        remaining = deadline - asyncio.get_running_loop().time() - self._reserve_s
         if remaining < MIN_CALL_BUDGET_S:
             raise TierDeadlineError("no time left in the caller's deadline to reach the cloud tier")
         return min(self._timeout_s, remaining)
+
+    def expected_latency_s(self) -> float | None:
+        """The recent p95 of successful calls (None until LATENCY_MIN_SAMPLES were made)."""
+        if len(self._latencies) < LATENCY_MIN_SAMPLES:
+            return None
+        ordered = sorted(self._latencies)
+        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
     def _breaker_moved(self, state: State, why: str) -> None:
         log = logger.info if state is State.CLOSED else logger.warning
@@ -155,6 +172,7 @@ class CloudTier:
         if not self.breaker.allow():
             # Open: answer from the earlier tier at once rather than wait on a hop that keeps failing.
             raise TierUnavailableError(f"the {self.name} tier's circuit is open; earlier tiers answer")
+        started = time.monotonic()
         try:
             predictions = await self._call(texts, timeout)
         except TierDeadlineError:
@@ -168,6 +186,7 @@ class CloudTier:
             self.breaker.record(True)  # cancelled by the caller: says nothing about the tier
             raise
         self.breaker.record(True)
+        self._latencies.append(time.monotonic() - started)
         return predictions
 
     async def _call(self, texts: Sequence[str], timeout: float) -> list[Prediction]:

@@ -78,6 +78,9 @@ class EdgeTier:
     def start(self) -> None:
         pass  # in-process: nothing to watch
 
+    def expected_latency_s(self) -> float | None:
+        return None  # the first tier always runs
+
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._model.close()

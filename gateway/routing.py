@@ -24,6 +24,8 @@ class Reason(StrEnum):
     TIER_UNAVAILABLE = "tier_unavailable"
     # The row holds personal data the boundary policy keeps private, so the first tier's answer was returned.
     PRIVATE_DATA = "private_data"
+    # The caller's deadline could not cover the later tier (its recent latency, or it ran out of time).
+    DEADLINE = "deadline"
 
 
 class Hint(StrEnum):
@@ -49,6 +51,8 @@ class RoutingPolicy:
     allow_client_hint: bool = True
     # The confidence signal the threshold applies to (from the manifest); reported, not computed here.
     signal: str = "max_prob"
+    # Time kept back from a caller's deadline to return an earlier tier's answer when a later one cannot make it.
+    deadline_reserve_s: float = 0.02
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:

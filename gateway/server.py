@@ -50,6 +50,7 @@ def routing_policy(settings: GatewaySettings, manifest: Manifest) -> RoutingPoli
         max_edge_batch=routing.max_edge_batch,
         allow_client_hint=routing.allow_client_hint,
         signal=manifest.routing.signal,
+        deadline_reserve_s=routing.deadline_reserve_s,
     )
 
 
@@ -96,6 +97,7 @@ def build_tiers(
                     credentials=channel_credentials(settings.hop_tls) if secure else None,
                     channel_options=channel_options(settings.hop_tls) if secure else (),
                     breaker=settings.breaker,
+                    deadline_reserve_s=settings.routing.deadline_reserve_s,
                 )
             )
         else:

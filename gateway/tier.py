@@ -28,6 +28,10 @@ class Tier(Protocol):
         """Whether the tier can answer now (a remote tier: whether its server reports SERVING)."""
         ...
 
+    def expected_latency_s(self) -> float | None:
+        """What a call has recently taken (a high percentile), or None when the tier has no such record."""
+        ...
+
     def start(self) -> None:
         """Begin background work (a remote tier watches its server's health); call in the running loop."""
         ...

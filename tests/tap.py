@@ -8,8 +8,10 @@ import asyncio
 class TapProxy:
     """Forwards 127.0.0.1:<port> to an upstream port and keeps a copy of the client->server bytes."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, delay_s: float = 0.0) -> None:
+        """`delay_s` holds back every chunk the upstream sends (a slow or distant cloud)."""
         self.upstream_port = upstream_port
+        self.delay_s = delay_s
         self.to_upstream = bytearray()
         self.to_client = bytearray()
         self._server: asyncio.Server | None = None
@@ -21,9 +23,13 @@ class TapProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray) -> None:
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray, delay_s: float = 0.0
+        ) -> None:
             try:
                 while data := await src.read(65536):
+                    if delay_s:
+                        await asyncio.sleep(delay_s)
                     record.extend(data)
                     dst.write(data)
                     await dst.drain()
@@ -33,7 +39,9 @@ class TapProxy:
                 dst.close()
 
         await asyncio.gather(
-            pump(reader, up_writer, self.to_upstream), pump(up_reader, writer, self.to_client), return_exceptions=True
+            pump(reader, up_writer, self.to_upstream),
+            pump(up_reader, writer, self.to_client, self.delay_s),
+            return_exceptions=True,
         )
 
     async def close(self) -> None:

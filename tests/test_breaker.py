@@ -125,3 +125,24 @@ async def test_an_outage_opens_the_circuit_and_the_cloud_coming_back_closes_it(s
         assert await answer() == ("cloud", ["low_confidence"], False)
     finally:
         await revived.stop(0)
+
+
+async def test_a_slow_cloud_never_makes_a_caller_miss_its_deadline(start_stack: StackFactory) -> None:
+    from tests.tap import TapProxy
+
+    cloud_stack = await start_stack()
+    assert cloud_stack.cloud is not None
+    slow = TapProxy(cloud_stack.cloud.servicer.bound[1], delay_s=2.0)
+    slow_port = await slow.start()
+    try:
+        stack = await start_stack(with_cloud=False, cloud_target=f"127.0.0.1:{slow_port}", threshold=1.0)
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            started = loop.time()
+            reply = await stack.stub.ModelInfer(infer_request(["whole milk"]), timeout=0.5)
+            assert loop.time() - started < 0.5, "the answer came before the caller's deadline"
+            assert reply.outputs[2].contents.bytes_contents == [b"edge"]
+            reasons = json.loads(reply.parameters["escalation_reasons"].string_param)
+            assert reasons == ["low_confidence+deadline"]
+    finally:
+        await slow.close()

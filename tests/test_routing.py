@@ -15,20 +15,37 @@ from tiergate.errors import TierUnavailableError
 class TableTier:
     """A tier answering from a dict of text -> (label, confidence), recording what it was asked."""
 
-    def __init__(self, name: str, table: dict[str, tuple[str, float]], fail: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        table: dict[str, tuple[str, float]],
+        fail: bool = False,
+        latency_s: float | None = None,
+        error: Exception | None = None,
+    ) -> None:
         self.name = name
         self.table = table
         self.fail = fail
+        self.latency_s = latency_s
+        self.error = error
         self.calls: list[list[str]] = []
 
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
         self.calls.append(list(texts))
         if self.fail:
             raise TierUnavailableError(f"{self.name} is down")
+        if self.error is not None:
+            raise self.error
         return [Prediction(*self.table[text]) for text in texts]
 
     def ready(self) -> bool:
         return True
+
+    def start(self) -> None:
+        pass
+
+    def expected_latency_s(self) -> float | None:
+        return self.latency_s
 
     async def close(self) -> None:
         pass
@@ -115,3 +132,32 @@ async def test_single_tier_chain_keeps_heavy_rows() -> None:
     edge = TableTier("edge", EDGE)
     result = await Cascade([edge], POLICY).infer(["odd thing", "a b c d e f g"])
     assert [r.tier for r in result.rows] == ["edge", "edge"]
+
+
+async def test_rows_stay_at_the_edge_when_the_deadline_cannot_cover_the_hop() -> None:
+    import asyncio
+
+    edge, slow_cloud = TableTier("edge", EDGE), TableTier("cloud", CLOUD, latency_s=1.0)
+    cascade = Cascade([edge, slow_cloud], POLICY)
+    soon = asyncio.get_running_loop().time() + 0.1
+    result = await cascade.infer(["milk", "odd thing", "a b c d e f g"], deadline=soon)
+    assert slow_cloud.calls == [], "a call that cannot come back in time is not made"
+    assert [(r.tier, r.reasons) for r in result.rows] == [
+        ("edge", ()),
+        ("edge", (Reason.LOW_CONFIDENCE, Reason.DEADLINE)),
+        ("edge", (Reason.LONG_INPUT, Reason.DEADLINE)),
+    ]
+    assert not result.degraded, "a decision, not a failure"
+    later = asyncio.get_running_loop().time() + 5.0
+    result = await cascade.infer(["odd thing"], deadline=later)
+    assert result.rows[0].tier == "cloud" and slow_cloud.calls == [["odd thing"]]
+
+
+async def test_a_hop_that_runs_out_of_time_answers_from_the_edge_with_the_reason_deadline() -> None:
+    from tiergate.errors import TierDeadlineError
+
+    edge = TableTier("edge", EDGE)
+    cloud = TableTier("cloud", CLOUD, error=TierDeadlineError("cloud tier did not answer within 0.5s"))
+    result = await Cascade([edge, cloud], POLICY).infer(["odd thing"])
+    assert (result.rows[0].tier, result.rows[0].reasons) == ("edge", (Reason.LOW_CONFIDENCE, Reason.DEADLINE))
+    assert result.degraded

@@ -31,6 +31,9 @@ class RoutingSettings:
     max_edge_batch: int = 256
     # Honour the request parameter `tier` ("auto", "edge", "cloud").
     allow_client_hint: bool = True
+    # Time kept back from a caller's deadline to return the edge's answer when the cloud cannot make it: a row
+    # escalates only if the time left covers the hop's recent p95 plus this.
+    deadline_reserve_s: float = 0.02
 
 
 @dataclass
