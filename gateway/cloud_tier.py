@@ -210,7 +210,9 @@ class CloudTier:
             self._metrics.hop_errors.labels(tier=self.name, code=error.code().name).inc()
             if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TierDeadlineError(f"cloud tier did not answer within {timeout:.3f}s") from None
-            raise TierUnavailableError(f"cloud tier failed with {error.code().name}") from None
+            # The cloud's own words (e.g. "envelope sealed with unknown key id ...") hold no secret; keep them.
+            details = (error.details() or "")[:200]
+            raise TierUnavailableError(f"cloud tier failed with {error.code().name}: {details}") from None
         try:
             with timed_span(self._tracer, "tiergate.open", {"tiergate.tier": self.name}) as span:
                 span.set_attribute("tiergate.envelope.bytes", reply.ByteSize())

@@ -146,3 +146,17 @@ async def test_a_slow_cloud_never_makes_a_caller_miss_its_deadline(start_stack: 
             assert reasons == ["low_confidence+deadline"]
     finally:
         await slow.close()
+
+
+async def test_the_clouds_reason_for_refusing_reaches_the_gateway_log(
+    start_stack: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from tiergate.envelope import Keyring
+
+    stack = await start_stack(cloud_keyring=Keyring.generate("not-the-gateways"), threshold=1.0)
+    with caplog.at_level(logging.WARNING, logger="gateway.cascade"):
+        reply = await stack.stub.ModelInfer(infer_request(["whole milk"]), timeout=10.0)
+    assert reply.parameters["degraded"].bool_param
+    assert "UNAUTHENTICATED: envelope sealed with unknown key id" in caplog.text
