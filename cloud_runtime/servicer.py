@@ -14,6 +14,7 @@ from opentelemetry import trace
 from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.model import CloudModel
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
+from tiergate.admission import Admission
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import InvalidInputError, ModelNotFoundError, RequestTooLargeError, SealError
@@ -54,6 +55,7 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         self.bound: tuple[str, int] = ("", 0)
         self._model_version = model_version
         self._limits = limits
+        self.admission = Admission(limits.max_inflight_requests, limits.max_inflight_rows)
         self._guard = ReplayGuard(replay, clock=clock)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
 
@@ -113,8 +115,11 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         audit_detail(rows=len(texts))
         loop = asyncio.get_running_loop()
         self._metrics.batch_rows.labels(model=self._model_name).observe(len(texts))
-        with self._tracer.start_as_current_span(
-            "tiergate.cloud.infer", attributes={"tiergate.tier": "cloud", "tiergate.rows": len(texts)}
+        with (
+            self.admission.admit(len(texts)),
+            self._tracer.start_as_current_span(
+                "tiergate.cloud.infer", attributes={"tiergate.tier": "cloud", "tiergate.rows": len(texts)}
+            ),
         ):
             response = await loop.run_in_executor(self._executor, self._predict, texts)
         with timed_span(self._tracer, "tiergate.seal") as span:

@@ -15,6 +15,7 @@ from gateway.codec import decode_request, encode_metadata, encode_response
 from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate import __version__
+from tiergate.admission import Admission
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.errors import ModelNotFoundError, NotReadyError
 from tiergate.logs import NO_REQUEST_ID, REQUEST_ID
@@ -44,6 +45,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, models: list[TieredModel], limits: LimitSettings) -> None:
         self._models = {model.name: model for model in models}
         self._limits = limits
+        self.admission = Admission(limits.max_inflight_requests, limits.max_inflight_rows)
         self.draining = False
         # (host, port) the server is bound to, for the server span's attributes.
         self.bound: tuple[str, int] = ("", 0)
@@ -103,7 +105,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         audit_detail(version=model.version, rows=len(batch.texts))
         remaining = context.time_remaining()
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        result = await model.infer(batch.texts, batch.hint, deadline)
+        with self.admission.admit(len(batch.texts)):
+            result = await model.infer(batch.texts, batch.hint, deadline)
         audit_detail(tiers=result.rows_by_tier(), reasons=result.reason_counts(), degraded=result.degraded)
         return encode_response(
             batch, result, model_name=model.name, model_version=model.version, chain=model.tier_names

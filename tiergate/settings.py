@@ -43,6 +43,9 @@ class LimitSettings:
     max_batch_rows: int = 1024
     max_text_bytes: int = 2048
     max_message_bytes: int = 4 * 1024 * 1024
+    # Admission control: past these many requests or rows in flight, new requests get RESOURCE_EXHAUSTED at once.
+    max_inflight_requests: int = 256
+    max_inflight_rows: int = 8192
 
 
 @dataclass
