@@ -46,6 +46,27 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it with a status."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer: bytes that do not parse become UNDECODABLE instead of grpcio's UNKNOWN."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return UNDECODABLE
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions raised by unary handlers into statuses from STATUS_TABLE.
 
@@ -69,6 +90,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
+                if request is UNDECODABLE:
+                    raise errors.InvalidInputError(
+                        "the request is not a valid message for this method: it does not parse (truncated, a "
+                        "wrong wire type, or invalid UTF-8 in a string field)"
+                    )
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -86,7 +112,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
