@@ -20,7 +20,7 @@ import grpc
 import onnxruntime
 from cryptography.hazmat.backends.openssl import backend as cryptography_backend
 
-from app.demo import LocalStack, _request, bearer, ensure_keys, ensure_models, send_traffic
+from app.demo import LocalStack, bearer, ensure_keys, ensure_models, send_traffic, single_row_request
 from app.otlp_sink import OtlpSink, ReceivedSpan
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
@@ -182,7 +182,7 @@ async def send_interleaved(
             for target in targets
         ]
         for index in range(-warmup, rounds):
-            request = _request(texts[index % len(texts)], hint="edge")
+            request = single_row_request(texts[index % len(texts)], hint="edge")
             latencies: list[float | None] = [None] * len(stubs)
             for turn in range(len(stubs)):
                 which = (index + turn) % len(stubs)

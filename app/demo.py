@@ -241,7 +241,7 @@ def ensure_models(models_dir: Path, data_dir: Path | None) -> None:
     print(f"models: built in {time.perf_counter() - started:.0f}s")
 
 
-def _request(text: str, hint: str | None = None) -> pb.ModelInferRequest:
+def single_row_request(text: str, hint: str | None = None) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=MODEL_NAME)
     if hint is not None:
         request.parameters[HINT_PARAMETER].string_param = hint
@@ -271,7 +271,7 @@ async def send_traffic(
                 text, label = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    reply = await stub.ModelInfer(_request(text, hint), timeout=10.0, metadata=metadata)
+                    reply = await stub.ModelInfer(single_row_request(text, hint), timeout=10.0, metadata=metadata)
                 except grpc.aio.AioRpcError as error:
                     report.errors[error.code().name] += 1
                     continue

@@ -15,12 +15,12 @@ from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.model import CloudModel
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.admission import Admission
+from tiergate.audit import audit_detail
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import InvalidInputError, ModelNotFoundError, RequestTooLargeError, SealError
 from tiergate.logs import REQUEST_ID
 from tiergate.replay import ReplayGuard
-from tiergate.rpc import audit_detail
 from tiergate.settings import LimitSettings, ReplaySettings
 from tiergate.telemetry import annotate_server_span, timed_span
 

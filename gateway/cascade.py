@@ -21,6 +21,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import BoundaryPolicy, Decision
 from gateway.routing import Hint, Reason, RoutingPolicy
 from gateway.tier import Prediction, Tier
+from tiergate.audit import audit_detail
 from tiergate.errors import TierDeadlineError, TierUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -286,6 +287,7 @@ class TieredModel:
         tiers = result.rows_by_tier()
         reasons = result.reason_counts()
         cost = self.cost.price([row.ran for row in result.rows])
+        audit_detail(tiers=tiers, reasons=reasons, degraded=result.degraded)
         top_tier = max(tiers, key=lambda tier: self._order.get(tier, -1)) if tiers else ""
         self.metrics.answered(
             self.name,

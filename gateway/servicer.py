@@ -16,10 +16,10 @@ from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate import __version__
 from tiergate.admission import Admission
+from tiergate.audit import audit_detail
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.errors import ModelNotFoundError, NotReadyError
 from tiergate.logs import NO_REQUEST_ID, REQUEST_ID
-from tiergate.rpc import audit_detail
 from tiergate.settings import LimitSettings
 from tiergate.telemetry import annotate_server_span
 
@@ -107,7 +107,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         with self.admission.admit(len(batch.texts)):
             result = await model.infer(batch.texts, batch.hint, deadline)
-        audit_detail(tiers=result.rows_by_tier(), reasons=result.reason_counts(), degraded=result.degraded)
         return encode_response(
             batch, result, model_name=model.name, model_version=model.version, chain=model.tier_names
         )

@@ -24,6 +24,7 @@ One process writes one file: each server gets its own path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -458,3 +459,16 @@ def verify_command(path: str | os.PathLike[str]) -> int:
     result = verify(path)
     print(f"{Path(path)}: {result.message}" if result.ok else f"{Path(path)}: BROKEN: {result.message}")
     return 0 if result.ok else 1
+
+
+# What the handler of the current RPC adds to its audit line (model, rows, tiers, key id, ...).
+AUDIT_DETAILS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "tiergate_audit_details", default=None
+)
+
+
+def audit_detail(**fields: Any) -> None:
+    """Add fields to the current RPC's audit line (nothing happens outside an audited RPC)."""
+    details = AUDIT_DETAILS.get()
+    if details is not None:
+        details.update(fields)

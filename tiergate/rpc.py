@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import datetime
 import logging
 import signal
@@ -16,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tiergate import errors
+from tiergate.audit import AUDIT_DETAILS
 from tiergate.logs import REQUEST_ID
 
 logger = logging.getLogger(__name__)
@@ -193,19 +193,6 @@ class AuditSink(Protocol):
     """Where audit records go (the hash-chained `tiergate.audit.AuditLog`)."""
 
     def write(self, record: Mapping[str, Any]) -> object: ...
-
-
-# What the handler of the current RPC adds to its audit line (model, rows, tiers, key id, ...).
-AUDIT_DETAILS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "tiergate_audit_details", default=None
-)
-
-
-def audit_detail(**fields: Any) -> None:
-    """Add fields to the current RPC's audit line (nothing happens outside an audited RPC)."""
-    details = AUDIT_DETAILS.get()
-    if details is not None:
-        details.update(fields)
 
 
 class AuditInterceptor(grpc.aio.ServerInterceptor):
