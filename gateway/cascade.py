@@ -67,7 +67,28 @@ class _Row:
     reasons: list[Reason] = field(default_factory=list)
     answer: Prediction | None = None
     tier: str = ""
+    # The level of the tier that gave `answer` (-1: none yet).
+    level: int = -1
     ran: list[str] = field(default_factory=list)
+    # Set when a tier this row needed failed (or ran out of time) and no later tier has answered it since.
+    short: Reason | None = None
+    short_of: str = ""
+
+
+@dataclass(frozen=True)
+class ChainRules:
+    """How rows move along a chain beyond the routing policy's per-row decisions."""
+
+    # One threshold per tier but the last: that tier's answers with a signal under it climb on.
+    # Empty: the routing policy's threshold for every tier.
+    thresholds: tuple[float, ...] = ()
+    # The level heavy rows start at; None: the last tier.
+    heavy_level: int | None = None
+    # Fail the request, rather than answer from an earlier tier, when rows needed a tier that failed.
+    fail_closed: bool = False
+    # Grey-band hedging (see RoutingSettings.hedge_band); 0 turns it off.
+    hedge_band: float = 0.0
+    hedge_wait_s: float = 0.05
 
 
 class Cascade:
@@ -75,6 +96,11 @@ class Cascade:
 
     The first tier runs on the private side; every later tier is remote, so the boundary policy decides what
     of each row may be handed to it. Without a `data_policy`, personal data of every kind is redacted.
+
+    Each row gets exactly one answer, or the request fails. A row climbs while the answer it holds is unsure
+    under the threshold of the tier that gave it. A tier that fails (or that the caller's deadline cannot
+    cover) passes its rows on to the next tier, flagged with the reason; rows still short at the end of the
+    chain keep the answer they hold, and rows that never had one (heavy rows) are answered by the first tier.
     """
 
     def __init__(
@@ -84,11 +110,23 @@ class Cascade:
         tracer: trace.Tracer | None = None,
         *,
         data_policy: BoundaryPolicy | None = None,
+        rules: ChainRules | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("the tier chain is empty")
         self.tiers = list(tiers)
         self.policy = policy
+        self.rules = rules or ChainRules()
+        last = len(self.tiers) - 1
+        self.thresholds = list(self.rules.thresholds) or [policy.threshold] * last
+        if len(self.thresholds) != last:
+            raise ValueError(f"a chain of {len(self.tiers)} tiers needs {last} thresholds, got {len(self.thresholds)}")
+        for threshold in self.thresholds:
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"tier thresholds must be within [0, 1], got {threshold}")
+        self.heavy_level = last if self.rules.heavy_level is None else self.rules.heavy_level
+        if not 0 <= self.heavy_level <= last:
+            raise ValueError(f"the heavy tier's level {self.heavy_level} is outside the chain")
         self.data_policy = data_policy if data_policy is not None else BoundaryPolicy()
         self._tracer = tracer or trace.NoOpTracer()
         self._warned: dict[str, tuple[float, int]] = {}
@@ -98,42 +136,39 @@ class Cascade:
         return self.tiers[0].ready()
 
     async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
-        last = len(self.tiers) - 1
         rows = []
         # The one place the boundary policy is applied: nothing reaches a remote tier but `decision.outbound`.
         decisions = self.data_policy.apply(texts)
         for text, heavy, decision in zip(texts, self.policy.heavy_reasons(texts, hint), decisions, strict=True):
-            row = _Row(text=text, decision=decision, start=last if heavy else 0, reasons=list(heavy))
-            if heavy and last > 0 and decision.private:
+            row = _Row(text=text, decision=decision, start=self.heavy_level if heavy else 0, reasons=list(heavy))
+            if heavy and row.start > 0 and decision.private:
                 # A heavy row that may not leave is answered by the first tier instead.
                 row.start = 0
                 row.reasons.append(Reason.PRIVATE_DATA)
             rows.append(row)
-        degraded = False
+        failed: set[str] = set()
         for level, tier in enumerate(self.tiers):
             pending = self._route(rows, level, hint) if level > 0 else [row for row in rows if row.start == 0]
-            if pending and level > 0 and not self._in_time(tier, deadline):
-                # The caller's deadline cannot cover this tier's recent latency: answer from the first tier now.
-                await self._answer_from_first(pending, level, deadline, Reason.DEADLINE)
-                continue
             if not pending:
                 continue
-            # Request parameters never cross: a tier is handed texts only. A future forwarder of parameters
-            # must pass them through `self.data_policy.forwardable(...)` for remote tiers (level > 0).
-            sent = [row.text if level == 0 else _outbound(row) for row in pending]
-            try:
-                answers = await tier.predict(sent, deadline)
-            except (TierUnavailableError, TierDeadlineError) as error:
-                if level == 0:
-                    raise
-                self._warn_failed(tier.name, error, len(pending))
-                degraded = True
-                reason = Reason.DEADLINE if isinstance(error, TierDeadlineError) else Reason.TIER_UNAVAILABLE
-                await self._answer_from_first(pending, level, deadline, reason)
-                break
-            for row, answer in zip(pending, answers, strict=True):
-                row.answer, row.tier = answer, tier.name
-                row.ran.append(tier.name)
+            if level > 0 and not self._in_time(tier, deadline):
+                # The caller's deadline cannot cover this tier's recent latency: pass the rows on.
+                self._fall_short(pending, Reason.DEADLINE, tier.name)
+                continue
+            if level > 0:
+                if not await self._run_remote(level, tier, pending, deadline):
+                    failed.add(tier.name)
+            else:
+                self._take(level, pending, await tier.predict([row.text for row in pending], deadline))
+        short = [row for row in rows if row.short is not None]
+        # Degraded: a tier failed and rows it should have answered hold an earlier tier's answer.
+        degraded = any(row.short_of in failed for row in short)
+        if short and self.rules.fail_closed:
+            raise _refusal(short)
+        missing = [row for row in rows if row.answer is None]
+        if missing:
+            # Heavy rows whose tiers all failed or were out of time: the first tier answers them.
+            self._take(0, missing, await self.tiers[0].predict([row.text for row in missing], deadline))
         answered = [
             RowAnswer(r.answer.label, r.answer.confidence, r.tier, tuple(r.reasons), tuple(r.ran))
             for r in rows
@@ -145,8 +180,74 @@ class Cascade:
             rows=answered, degraded=degraded, outbound=tuple(decision.outbound for decision in decisions)
         )
 
+    async def _run_remote(self, level: int, tier: Tier, pending: list[_Row], deadline: float | None) -> bool:
+        """Ask remote tier `level` for `pending`; False when it failed (its rows pass on, flagged).
+
+        Grey-band rows (an answer just under its threshold) go in a call of their own, started first, that
+        the request waits for at most the hedge wait past its start; then they keep the answer they hold.
+        """
+        grey = self._grey(pending)
+        rest = [row for row in pending if row not in grey] if grey else pending
+        hedge: asyncio.Future[list[Prediction]] | None = None
+        loop = asyncio.get_running_loop()
+        hedge_until = loop.time() + self.rules.hedge_wait_s
+        try:
+            if grey:
+                # Request parameters never cross: a tier is handed texts only. A future forwarder of parameters
+                # must pass them through `self.data_policy.forwardable(...)` for remote tiers (level > 0).
+                hedge = asyncio.ensure_future(tier.predict([_outbound(row) for row in grey], deadline))
+            if rest:
+                self._take(level, rest, await tier.predict([_outbound(row) for row in rest], deadline))
+            if hedge is not None:
+                limit = hedge_until if deadline is None else min(hedge_until, deadline - self.policy.deadline_reserve_s)
+                done, _ = await asyncio.wait({hedge}, timeout=max(0.0, limit - loop.time()))
+                if done:
+                    self._take(level, grey, hedge.result())
+                else:
+                    for row in grey:
+                        row.reasons.append(Reason.HEDGE_TIMEOUT)
+            return True
+        except (TierUnavailableError, TierDeadlineError) as error:
+            self._warn_failed(tier.name, error, len(pending))
+            reason = Reason.DEADLINE if isinstance(error, TierDeadlineError) else Reason.TIER_UNAVAILABLE
+            self._fall_short([row for row in pending if row.level < level], reason, tier.name)
+            return False
+        finally:
+            if hedge is not None and not hedge.done():
+                # The request completes without it (hedge wait, a failure, or the caller gone): stop the call.
+                hedge.cancel()
+            elif hedge is not None and not hedge.cancelled():
+                hedge.exception()  # retrieved: a failure already handled is not logged again as unretrieved
+
+    def _grey(self, pending: list[_Row]) -> list[_Row]:
+        """Rows holding an answer whose signal lies within the hedge band under its tier's threshold."""
+        band = self.rules.hedge_band
+        if band <= 0.0:
+            return []
+        return [
+            row
+            for row in pending
+            if row.answer is not None
+            and self.thresholds[row.level] - band <= _signal(row.answer) < self.thresholds[row.level]
+        ]
+
+    def _take(self, level: int, rows: list[_Row], answers: Sequence[Prediction]) -> None:
+        tier = self.tiers[level].name
+        for row, answer in zip(rows, answers, strict=True):
+            row.answer, row.tier, row.level, row.short = answer, tier, level, None
+            row.ran.append(tier)
+
+    @staticmethod
+    def _fall_short(rows: list[_Row], reason: Reason, tier: str) -> None:
+        """`rows` did not get `tier`, which they needed; they keep what they hold and climb on if they can."""
+        for row in rows:
+            if reason not in row.reasons:
+                row.reasons.append(reason)
+            row.short, row.short_of = reason, tier
+
     def _route(self, rows: list[_Row], level: int, hint: Hint) -> list[_Row]:
-        """The rows tier `level` must answer: unsure answers climbing to it, and heavy rows starting there.
+        """The rows tier `level` must answer: unsure answers climbing to it, rows starting there (heavy), and
+        rows passed on by an earlier tier that failed.
 
         Unsure rows the boundary policy keeps private stay with the answer they have (reason `private_data`).
         """
@@ -173,7 +274,7 @@ class Cascade:
                 span.set_attributes(
                     {
                         "tiergate.routing.signal": self.policy.signal,
-                        "tiergate.routing.threshold": self.policy.threshold,
+                        "tiergate.routing.threshold": self.thresholds[level - 1],
                         "tiergate.routing.from_tier": self.tiers[level - 1].name,
                         "tiergate.routing.to_tier": self.tiers[level].name,
                         "tiergate.routing.rows": len(rows),
@@ -192,11 +293,14 @@ class Cascade:
             self._warned[tier] = (last, suppressed + 1)
             return
         more = f"; {suppressed} more failures since the last warning" if suppressed else ""
-        logger.warning("tier %s failed (%s); answering %d rows from earlier tiers%s", tier, error, rows, more)
+        logger.warning("tier %s failed (%s); %d rows pass on or keep earlier answers%s", tier, error, rows, more)
         self._warned[tier] = (now, 0)
 
     def _climbs(self, row: _Row, hint: Hint) -> bool:
-        return row.answer is not None and self.policy.escalates(row.answer.confidence, hint)
+        """Whether the answer `row` holds is unsure under the threshold of the tier that gave it."""
+        if row.answer is None or self.policy.effective_hint(hint) is Hint.EDGE:
+            return False
+        return _signal(row.answer) < self.thresholds[row.level]
 
     def _in_time(self, tier: Tier, deadline: float | None) -> bool:
         """Whether the time left covers `tier`'s recent latency plus what answering needs (unknown: try it)."""
@@ -206,20 +310,24 @@ class Cascade:
         remaining = deadline - asyncio.get_running_loop().time()
         return remaining >= expected + self.policy.deadline_reserve_s
 
-    async def _answer_from_first(
-        self, rows: list[_Row], failed_level: int, deadline: float | None, reason: Reason
-    ) -> None:
-        # Rows that already hold an earlier tier's answer keep it; heavy rows that skipped the
-        # earlier tiers are answered by the first tier, so no row of the batch is lost.
-        for row in rows:
-            row.reasons.append(reason)
-        missing = [row for row in rows if row.answer is None]
-        if missing and failed_level > 0:
-            first = self.tiers[0]
-            answers = await first.predict([row.text for row in missing], deadline)
-            for row, answer in zip(missing, answers, strict=True):
-                row.answer, row.tier = answer, first.name
-                row.ran.append(first.name)
+
+def _signal(answer: Prediction) -> float:
+    """The value routing compares with a tier's threshold."""
+    return answer.confidence
+
+
+def _refusal(short: list[_Row]) -> TierUnavailableError | TierDeadlineError:
+    """The error a fail_closed model answers with when rows needed tiers that failed or were out of time."""
+    names = ", ".join(sorted({row.short_of for row in short}))
+    if all(row.short is Reason.DEADLINE for row in short):
+        return TierDeadlineError(
+            f"{len(short)} rows needed tier {names}, which the time left could not cover; "
+            "the model is fail_closed, so no earlier answer is returned"
+        )
+    return TierUnavailableError(
+        f"{len(short)} rows needed tier {names}, which is unavailable; "
+        "the model is fail_closed, so no earlier answer is returned"
+    )
 
 
 def _outbound(row: _Row) -> str:

@@ -14,7 +14,7 @@ _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
 class Reason(StrEnum):
-    """Why a row was answered by a later tier than the first."""
+    """Why a row was answered by a later tier than the first, or why it was not."""
 
     LOW_CONFIDENCE = "low_confidence"
     LONG_INPUT = "long_input"
@@ -26,6 +26,8 @@ class Reason(StrEnum):
     PRIVATE_DATA = "private_data"
     # The caller's deadline could not cover the later tier (its recent latency, or it ran out of time).
     DEADLINE = "deadline"
+    # A grey-band row's later tier did not answer within the hedge wait, so the earlier answer was kept.
+    HEDGE_TIMEOUT = "hedge_timeout"
 
 
 class Hint(StrEnum):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import grpc
 
 from gateway.auth import AuthInterceptor
-from gateway.cascade import Cascade, TieredModel
+from gateway.cascade import Cascade, ChainRules, TieredModel
 from gateway.cloud_tier import CloudTier
 from gateway.cost import CostModel
 from gateway.drift import DriftWatch
@@ -25,7 +26,7 @@ from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, require_tls_or_insecure
-from tiergate.settings import AuthSettings, GatewaySettings, TlsSettings
+from tiergate.settings import FAILURE_POLICIES, AuthSettings, GatewaySettings, TierSettings, TlsSettings
 from tiergate.telemetry import Tracing
 from tiergate.tls import channel_credentials, channel_options, server_credentials
 from tiergate.tokens import TokenStore
@@ -43,9 +44,8 @@ def routing_policy(settings: GatewaySettings, manifest: Manifest) -> RoutingPoli
             f"routing signal {routing.signal!r} differs from the calibrated {manifest.routing.signal!r}; "
             "recalibrate the models instead"
         )
-    threshold = manifest.routing.threshold if routing.threshold is None else routing.threshold
     return RoutingPolicy(
-        threshold=threshold,
+        threshold=first_threshold(settings, manifest),
         max_edge_tokens=routing.max_edge_tokens,
         max_edge_batch=routing.max_edge_batch,
         allow_client_hint=routing.allow_client_hint,
@@ -54,10 +54,68 @@ def routing_policy(settings: GatewaySettings, manifest: Manifest) -> RoutingPoli
     )
 
 
+def first_threshold(settings: GatewaySettings, manifest: Manifest) -> float:
+    """The first tier's threshold: its tier entry, else routing.threshold, else the calibrated one."""
+    entry = settings.tiers.get(settings.chain[0])
+    if entry is not None and entry.threshold is not None:
+        return entry.threshold
+    return manifest.routing.threshold if settings.routing.threshold is None else settings.routing.threshold
+
+
+def chain_rules(settings: GatewaySettings, manifest: Manifest) -> ChainRules:
+    """Per-tier thresholds, the heavy tier, the failure policy and hedging, from settings."""
+    routing = settings.routing
+    if routing.failure_policy not in FAILURE_POLICIES:
+        raise ValueError(
+            f"routing.failure_policy must be one of {', '.join(FAILURE_POLICIES)}, got {routing.failure_policy!r}"
+        )
+    default = first_threshold(settings, manifest)
+    thresholds = [default]
+    for name in settings.chain[1:-1]:
+        entry = settings.tiers.get(name)
+        thresholds.append(default if entry is None or entry.threshold is None else entry.threshold)
+    heavy_level = None
+    if routing.heavy_tier is not None:
+        if routing.heavy_tier not in settings.chain:
+            raise ValueError(
+                f"routing.heavy_tier {routing.heavy_tier!r} is not in the chain {', '.join(settings.chain)}"
+            )
+        heavy_level = settings.chain.index(routing.heavy_tier)
+    return ChainRules(
+        thresholds=tuple(thresholds[: len(settings.chain) - 1]),
+        heavy_level=heavy_level,
+        fail_closed=routing.failure_policy == "fail_closed",
+        hedge_band=routing.hedge_band,
+        hedge_wait_s=routing.hedge_wait_s,
+    )
+
+
 def cost_model(settings: GatewaySettings) -> CostModel:
+    """Each tier's price: its own, else the edge or cloud price by kind; the last tier is the reference."""
     cost = settings.cost
-    prices = {"edge": cost.edge_per_1k_rows, "cloud": cost.cloud_per_1k_rows}
+    prices = {}
+    for name in settings.chain:
+        entry = tier_settings(settings, name)
+        by_kind = cost.edge_per_1k_rows if entry.kind == "edge" else cost.cloud_per_1k_rows
+        prices[name] = by_kind if entry.price_per_1k_rows is None else entry.price_per_1k_rows
     return CostModel(prices, reference_tier=settings.chain[-1], currency=cost.currency)
+
+
+def tier_settings(settings: GatewaySettings, name: str) -> TierSettings:
+    """The settings of tier `name`: its entry in `tiers`, or the implied `edge` and `cloud` tiers."""
+    entry = settings.tiers.get(name)
+    if entry is None:
+        if name == "edge":
+            return TierSettings(kind="edge")
+        if name == "cloud":
+            return TierSettings(kind="remote", target=settings.cloud_target)
+        known = ", ".join(sorted({"edge", "cloud", *settings.tiers}))
+        raise ValueError(f"unknown tier {name!r} in the chain; known tiers: {known} (add [gateway.tiers.{name}])")
+    if entry.kind == "remote" and not entry.target:
+        if name != "cloud":
+            raise ValueError(f"remote tier {name!r} has no target (gateway.tiers.{name}.target = 'host:port')")
+        return dataclasses.replace(entry, target=settings.cloud_target)
+    return entry
 
 
 def build_tiers(
@@ -67,41 +125,52 @@ def build_tiers(
     tracing: Tracing | None = None,
     metrics: GatewayMetrics | None = None,
 ) -> list[Tier]:
-    """The chain's tiers; the cloud tier seals with `sealer` over mTLS (or plaintext if hop_insecure)."""
+    """The chain's tiers; remote tiers seal with `sealer` over mTLS (or plaintext if hop_insecure)."""
     tracing = tracing or Tracing.from_settings(settings.tracing, "tiergate-gateway")
+    if not settings.chain:
+        raise ValueError("the tier chain is empty: set gateway.chain, e.g. ['edge', 'cloud']")
+    if len(set(settings.chain)) != len(settings.chain):
+        raise ValueError(f"a tier appears twice in the chain {settings.chain}")
     tiers: list[Tier] = []
-    for name in settings.chain:
-        if name == "edge":
+    for level, name in enumerate(settings.chain):
+        entry = tier_settings(settings, name)
+        if entry.kind == "edge":
+            if level > 0:
+                raise ValueError(f"tier {name!r} runs in-process (kind edge): only the first tier of the chain can")
             tiers.append(
                 EdgeTier.load(
-                    settings.models_dir, manifest, backend=settings.edge_backend, tracer=tracing.tracer, metrics=metrics
-                )
-            )
-        elif name == "cloud":
-            if sealer is None:
-                raise ValueError("the cloud tier needs a keyring to seal requests")
-            secure = require_tls_or_insecure(
-                settings.hop_tls, settings.hop_insecure, "the hop to the cloud tier", "hop_insecure"
-            )
-            tiers.append(
-                CloudTier(
-                    settings.cloud_target,
-                    sealer,
-                    model_name=settings.model_name,
-                    timeout_s=settings.cloud_timeout_s,
-                    max_message_bytes=settings.limits.max_message_bytes,
+                    settings.models_dir,
+                    manifest,
+                    backend=settings.edge_backend,
+                    name=name,
                     tracer=tracing.tracer,
-                    interceptors=tracing.client_interceptors(settings.cloud_target),
                     metrics=metrics,
-                    replay=settings.replay,
-                    credentials=channel_credentials(settings.hop_tls) if secure else None,
-                    channel_options=channel_options(settings.hop_tls) if secure else (),
-                    breaker=settings.breaker,
-                    deadline_reserve_s=settings.routing.deadline_reserve_s,
                 )
             )
-        else:
-            raise ValueError(f"unknown tier {name!r} in the chain; known tiers: edge, cloud")
+            continue
+        if sealer is None:
+            raise ValueError(f"remote tier {name!r} needs a keyring to seal requests")
+        secure = require_tls_or_insecure(
+            settings.hop_tls, settings.hop_insecure, f"the hop to tier {name}", "hop_insecure"
+        )
+        tiers.append(
+            CloudTier(
+                entry.target,
+                sealer,
+                model_name=settings.model_name,
+                name=name,
+                timeout_s=settings.cloud_timeout_s if entry.timeout_s is None else entry.timeout_s,
+                max_message_bytes=settings.limits.max_message_bytes,
+                tracer=tracing.tracer,
+                interceptors=tracing.client_interceptors(entry.target),
+                metrics=metrics,
+                replay=settings.replay,
+                credentials=channel_credentials(settings.hop_tls) if secure else None,
+                channel_options=channel_options(settings.hop_tls) if secure else (),
+                breaker=settings.breaker,
+                deadline_reserve_s=settings.routing.deadline_reserve_s,
+            )
+        )
     return tiers
 
 
@@ -123,7 +192,7 @@ class GatewayServer:
         self.metrics = GatewayMetrics()
         self.metrics_server = MetricsServer(self.metrics.registry) if settings.metrics.enabled else None
         self.boundary = Boundary(settings.audit)
-        remote = any(name != "edge" for name in settings.chain)
+        remote = any(tier_settings(settings, name).kind == "remote" for name in settings.chain)
         # A keyring read from its file is watched and reloads; one handed in is the caller's to manage.
         from_file = keyring is None and remote
         if from_file:
@@ -131,7 +200,8 @@ class GatewayServer:
         self.sealer = Sealer(keyring) if keyring is not None else None
         if self.sealer is not None and from_file:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
-        roles = [EDGE_VARIANT_ROLES["int8"]] if "edge" in settings.chain else []
+        in_process = tier_settings(settings, settings.chain[0]).kind == "edge" if settings.chain else False
+        roles = [EDGE_VARIANT_ROLES["int8"]] if in_process else []
         manifest = load_manifest(settings.models_dir, roles=roles)
         self.tiers = build_tiers(settings, manifest, self.sealer, self.tracing, self.metrics)
         self._watch_hop_certificates(settings.hop_tls)
@@ -140,6 +210,7 @@ class GatewayServer:
             routing_policy(settings, manifest),
             tracer=self.tracing.tracer,
             data_policy=BoundaryPolicy.from_settings(settings.policy),
+            rules=chain_rules(settings, manifest),
         )
         # The watch compares the first tier's confident answers with the last tier's; one tier has no reference.
         self.drift = (

@@ -26,14 +26,33 @@ class RoutingSettings:
     signal: str | None = None
     threshold: float | None = None
     # Heavy-request rules: rows longer than this many tokens, or batches larger
-    # than this many rows, go straight to the last tier.
+    # than this many rows, go straight to the heavy tier.
     max_edge_tokens: int = 24
     max_edge_batch: int = 256
+    # The tier heavy rows (and `tier=cloud` requests) start at; unset, the last tier of the chain.
+    heavy_tier: str | None = None
     # Honour the request parameter `tier` ("auto", "edge", "cloud").
     allow_client_hint: bool = True
     # Time kept back from a caller's deadline to return the edge's answer when the cloud cannot make it: a row
     # escalates only if the time left covers the hop's recent p95 plus this.
     deadline_reserve_s: float = 0.02
+    # When the rows needed a later tier that failed or ran out of time: "fail_open" answers them from an
+    # earlier tier, flagged degraded; "fail_closed" fails the request (UNAVAILABLE / DEADLINE_EXCEEDED).
+    failure_policy: str = "fail_open"
+    # Grey-band hedging: rows whose routing signal is within `hedge_band` under their tier's threshold are
+    # sent on at once in a call of their own, beside the rest of the batch's work; the request waits for
+    # that call at most `hedge_wait_s` past its own start, then keeps the earlier answer and cancels it.
+    # 0 turns hedging off.
+    hedge_band: float = 0.0
+    hedge_wait_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"routing.failure_policy must be one of {', '.join(FAILURE_POLICIES)}")
+
+
+# What the cascade does with rows whose later tier failed: answer them from an earlier tier, or fail.
+FAILURE_POLICIES = ("fail_open", "fail_closed")
 
 
 @dataclass
@@ -209,13 +228,40 @@ class BreakerSettings:
 
 
 @dataclass
+class TierSettings:
+    """One tier of the chain, by name. `edge` and `cloud` need no entry: they are the in-process edge model
+    and the remote tier at `cloud_target`. Any other name is a remote tier server (`tiergate serve cloud`),
+    for example a larger model on a private GPU between edge and cloud, or a second cloud region as failover.
+    """
+
+    # "edge": the in-process INT8 model; "remote": a tier server reached over the sealed, mutual-TLS hop.
+    kind: str = "remote"
+    # host:port of a remote tier.
+    target: str = ""
+    # This tier's answers with a routing signal under this value climb to the next tier. Unset: the
+    # gateway's routing.threshold, else the one calibrated into the manifest. The last tier's is unused.
+    threshold: float | None = None
+    # Per-call timeout of a remote tier; unset, the gateway's cloud_timeout_s.
+    timeout_s: float | None = None
+    # Its price per 1,000 rows for the cost account; unset, cost.edge_per_1k_rows or cost.cloud_per_1k_rows
+    # by kind.
+    price_per_1k_rows: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("edge", "remote"):
+            raise ValueError(f"tier kind must be 'edge' or 'remote', got {self.kind!r}")
+
+
+@dataclass
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8001
     model_name: str = MODEL_NAME
     models_dir: Path = DEFAULT_MODELS_DIR
-    # Tier names in escalation order; the last one answers heavy requests.
+    # Tier names in escalation order; the first runs in-process, every later one is remote (see `tiers`).
     chain: list[str] = field(default_factory=lambda: ["edge", "cloud"])
+    # Tiers other than the implied `edge` and `cloud`, or overrides of theirs: [gateway.tiers.NAME].
+    tiers: dict[str, TierSettings] = field(default_factory=dict)
     edge_backend: str = "onnxruntime"
     cloud_target: str = "127.0.0.1:8101"
     cloud_timeout_s: float = 2.0
@@ -300,12 +346,33 @@ def _apply(target: Any, values: Mapping[str, Any], where: str) -> None:
         if key not in names:
             raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
         current = getattr(target, key)
-        if dataclasses.is_dataclass(current):
+        table = _table_of(hints[key])
+        if table is not None:
+            # A table of named sections, e.g. [gateway.tiers.NAME]: each entry starts from the defaults.
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}.{key}: expected a table")
+            for name, entry in value.items():
+                if not isinstance(entry, Mapping):
+                    raise ValueError(f"{where}.{key}.{name}: expected a table")
+                section = current.get(name) or table()
+                _apply(section, entry, f"{where}.{key}.{name}")
+                section.__post_init__()
+                current[name] = section
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
                 raise ValueError(f"{where}.{key}: expected a table")
             _apply(current, value, f"{where}.{key}")
         else:
             setattr(target, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def _table_of(annotation: Any) -> Any:
+    """The section class of a `dict[str, Section]` setting, else None."""
+    if typing.get_origin(annotation) is dict:
+        value = typing.get_args(annotation)[1]
+        if dataclasses.is_dataclass(value):
+            return value
+    return None
 
 
 def _env_tree(env: Mapping[str, str]) -> dict[str, Any]:
