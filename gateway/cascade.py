@@ -184,13 +184,13 @@ class Cascade:
         """Ask remote tier `level` for `pending`; False when it failed (its rows pass on, flagged).
 
         Grey-band rows (an answer just under its threshold) go in a call of their own, started first, that
-        the request waits for at most the hedge wait past its start; then they keep the answer they hold.
+        the request waits for at most the hedge wait once the rest is answered; then they keep the answer they
+        hold and the call is cancelled.
         """
         grey = self._grey(pending)
         rest = [row for row in pending if row not in grey] if grey else pending
         hedge: asyncio.Future[list[Prediction]] | None = None
         loop = asyncio.get_running_loop()
-        hedge_until = loop.time() + self.rules.hedge_wait_s
         try:
             if grey:
                 # Request parameters never cross: a tier is handed texts only. A future forwarder of parameters
@@ -199,7 +199,10 @@ class Cascade:
             if rest:
                 self._take(level, rest, await tier.predict([_outbound(row) for row in rest], deadline))
             if hedge is not None:
-                limit = hedge_until if deadline is None else min(hedge_until, deadline - self.policy.deadline_reserve_s)
+                # Once the rest is done, the grey call gets the hedge wait, and never the caller's reserve.
+                limit = loop.time() + self.rules.hedge_wait_s
+                if deadline is not None:
+                    limit = min(limit, deadline - self.policy.deadline_reserve_s)
                 done, _ = await asyncio.wait({hedge}, timeout=max(0.0, limit - loop.time()))
                 if done:
                     self._take(level, grey, hedge.result())

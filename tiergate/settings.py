@@ -40,9 +40,9 @@ class RoutingSettings:
     # earlier tier, flagged degraded; "fail_closed" fails the request (UNAVAILABLE / DEADLINE_EXCEEDED).
     failure_policy: str = "fail_open"
     # Grey-band hedging: rows whose routing signal is within `hedge_band` under their tier's threshold are
-    # sent on at once in a call of their own, beside the rest of the batch's work; the request waits for
-    # that call at most `hedge_wait_s` past its own start, then keeps the earlier answer and cancels it.
-    # 0 turns hedging off.
+    # sent on at once in a call of their own, beside the rest of the batch's work; once the rest is answered,
+    # the request waits for that call at most `hedge_wait_s`, then keeps the earlier answer and cancels the
+    # call. 0 turns hedging off.
     hedge_band: float = 0.0
     hedge_wait_s: float = 0.05
 
