@@ -231,7 +231,7 @@ class Cascade:
             row
             for row in pending
             if row.answer is not None
-            and self.thresholds[row.level] - band <= _signal(row.answer) < self.thresholds[row.level]
+            and self.thresholds[row.level] - band <= routing_signal(row.answer) < self.thresholds[row.level]
         ]
 
     def _take(self, level: int, rows: list[_Row], answers: Sequence[Prediction]) -> None:
@@ -303,7 +303,7 @@ class Cascade:
         """Whether the answer `row` holds is unsure under the threshold of the tier that gave it."""
         if row.answer is None or self.policy.effective_hint(hint) is Hint.EDGE:
             return False
-        return _signal(row.answer) < self.thresholds[row.level]
+        return routing_signal(row.answer) < self.thresholds[row.level]
 
     def _in_time(self, tier: Tier, deadline: float | None) -> bool:
         """Whether the time left covers `tier`'s recent latency plus what answering needs (unknown: try it)."""
@@ -314,7 +314,7 @@ class Cascade:
         return remaining >= expected + self.policy.deadline_reserve_s
 
 
-def _signal(answer: Prediction) -> float:
+def routing_signal(answer: Prediction) -> float:
     """The value routing compares with a tier's threshold."""
     return answer.confidence
 
