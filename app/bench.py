@@ -44,7 +44,7 @@ def _size_mb(path: Path) -> float:
 
 
 # The sections `make bench` runs, in order; `--skip` leaves some out.
-SECTIONS = ("tracing", "sealing")
+SECTIONS = ("tracing", "sealing", "hedging")
 
 
 def run_bench(
@@ -125,7 +125,18 @@ def run_bench(
     small, large = SEAL_SIZES
     sealing_calls = {small: max(50, requests // 2), large: max(20, requests // 5)}
     sealed_ok = "sealing" in skip or bench_sealing_cost(keys_dir, texts, sealing_calls)
-    return 0 if not report.errors and not hinted.errors and traced_ok and sealed_ok else 1
+    hedged_ok = "hedging" in skip or _bench_hedging(models_dir, data_dir, keys_dir, requests)
+    return 0 if not report.errors and not hinted.errors and traced_ok and sealed_ok and hedged_ok else 1
+
+
+def _bench_hedging(models_dir: Path, data_dir: Path | None, keys_dir: Path, requests: int) -> bool:
+    from app.bench_hedging import bench_hedging
+    from training.data import heldout_examples
+
+    with LocalStack(models_dir, keys_dir) as stack:
+        return bench_hedging(
+            models_dir, keys_dir, stack.cloud_target, heldout_examples(models_dir, data_dir), max(100, requests // 2)
+        )
 
 
 @dataclass(frozen=True)
