@@ -78,7 +78,7 @@ async def _serve_gateway(args: argparse.Namespace) -> int:
     # fails in a moment, and is never created here (`tiergate keys init` does that).
     try:
         apply_key_dir(settings)
-        if "cloud" in settings.chain:
+        if settings.chain != ["edge"]:  # a remote tier seals with the keyring
             load_keyring(settings.keyring_path)  # checked here; the server reads it again, and watches it
     except KeyDirError as error:
         return _key_error(error)

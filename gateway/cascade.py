@@ -132,8 +132,12 @@ class Cascade:
         self._warned: dict[str, tuple[float, int]] = {}
 
     def ready(self) -> bool:
-        # The first tier must be up; later tiers may be down (answers degrade to earlier tiers).
-        return self.tiers[0].ready()
+        """The first tier is up; later tiers may be down (fail_open: answers come from earlier tiers), unless
+        the model is fail_closed, which also needs one later tier up to answer rows that climb."""
+        if not self.tiers[0].ready():
+            return False
+        later = self.tiers[1:]
+        return not (self.rules.fail_closed and later) or any(tier.ready() for tier in later)
 
     async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
         rows = []

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from gateway.auth import AuthInterceptor
 from gateway.cascade import Cascade, ChainRules, TieredModel
@@ -101,6 +105,21 @@ def cost_model(settings: GatewaySettings) -> CostModel:
     return CostModel(prices, reference_tier=settings.chain[-1], currency=cost.currency)
 
 
+# gRPC targets with a resolver scheme are taken as given; anything else must be host:port.
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def check_target(target: str, where: str) -> str:
+    """`target` if it is a gRPC target a channel can dial; ValueError naming `where` and the form wanted."""
+    if target.startswith(_SCHEMES):
+        return target
+    host, _, port = target.rpartition(":")
+    if _HOST.fullmatch(host) and port.isdigit() and 0 < int(port) < 65536:
+        return target
+    raise ValueError(f"{where} is {target!r}, which is not an address: expected host:port, e.g. 10.0.0.5:8101")
+
+
 def tier_settings(settings: GatewaySettings, name: str) -> TierSettings:
     """The settings of tier `name`: its entry in `tiers`, or the implied `edge` and `cloud` tiers."""
     entry = settings.tiers.get(name)
@@ -148,6 +167,7 @@ def build_tiers(
                 )
             )
             continue
+        check_target(entry.target, f"the address of tier {name}")
         if sealer is None:
             raise ValueError(f"remote tier {name!r} needs a keyring to seal requests")
         secure = require_tls_or_insecure(
@@ -174,6 +194,11 @@ def build_tiers(
     return tiers
 
 
+# Each tier's readiness is reported as the health of service TIER_HEALTH_PREFIX + its name, checked this often.
+TIER_HEALTH_PREFIX = "tiergate.tier."
+TIER_HEALTH_EVERY_S = 0.25
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
 # The OIP calls each written to the audit log (liveness and readiness probes are not).
 AUDITED_METHODS = ("ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata")
 
@@ -188,6 +213,7 @@ class GatewayServer:
         `tracing` replaces the one the settings describe (tests hand in one with an in-memory processor)."""
         apply_key_dir(settings)
         self.settings = settings
+        self._tier_health: asyncio.Future[None] | None = None
         self.tracing = tracing or Tracing.from_settings(settings.tracing, "tiergate-gateway")
         self.metrics = GatewayMetrics()
         self.metrics_server = MetricsServer(self.metrics.registry) if settings.metrics.enabled else None
@@ -287,6 +313,7 @@ class GatewayServer:
         for tier in self.tiers:
             tier.start()
         port = await self.managed.start(self.settings.host, self.settings.port)
+        self._tier_health = asyncio.ensure_future(self._report_tiers())
         self.servicer.bound = (self.settings.host, port)
         if self.metrics_server is not None:
             self.metrics_server.start(self.settings.metrics.host, self.settings.metrics.port)
@@ -306,8 +333,25 @@ class GatewayServer:
     def metrics_port(self) -> int:
         return 0 if self.metrics_server is None else self.metrics_server.port
 
+    async def _report_tiers(self) -> None:
+        """Each tier's readiness as its own grpc.health.v1 service, `tiergate.tier.NAME`, kept current."""
+        reported: dict[str, bool] = {}
+        while True:
+            for tier in self.tiers:
+                ready = tier.ready()
+                if reported.get(tier.name) != ready:
+                    status = SERVING if ready else NOT_SERVING
+                    await self.managed.health.set(f"{TIER_HEALTH_PREFIX}{tier.name}", status)
+                    reported[tier.name] = ready
+            await asyncio.sleep(TIER_HEALTH_EVERY_S)
+
     async def stop(self, grace_s: float | None = None) -> None:
         self.servicer.draining = True
+        if self._tier_health is not None:
+            self._tier_health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tier_health
+            self._tier_health = None
         await self.managed.stop(self.settings.grace_s if grace_s is None else grace_s)
         if self.drift is not None:
             await self.drift.stop()

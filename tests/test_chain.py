@@ -322,3 +322,55 @@ def test_chain_settings_are_checked_at_start() -> None:
         chain_rules(loaded, Calibrated)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="kind"):
         load_settings(None, env={"TIERGATE_GATEWAY__TIERS__X__KIND": "gpu"})
+
+
+async def _health(channel: grpc.aio.Channel, service: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(reply.status)
+
+
+async def test_each_tier_reports_its_readiness_and_a_fail_closed_model_is_not_ready_without_its_cloud(
+    start_stack: StackFactory,
+) -> None:
+    from grpc_health.v1 import health_pb2
+
+    from proto.inference import grpc_service_pb2 as pb
+    from tiergate.constants import MODEL_NAME
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def closed(gateway: GatewaySettings, cloud: CloudSettings) -> None:
+        gateway.routing.failure_policy = "fail_closed"
+
+    live = await start_stack(configure=closed)
+    dead = await start_stack(with_cloud=False, cloud_target="127.0.0.1:1", configure=closed)
+    for _ in range(100):  # bounded: 10 s for both health watches to settle
+        states = [
+            await _health(live.channel, "tiergate.tier.cloud"),
+            await _health(dead.channel, "tiergate.tier.cloud"),
+        ]
+        if states == [serving, not_serving]:
+            break
+        await asyncio.sleep(0.1)
+    assert states == [serving, not_serving]
+    assert await _health(dead.channel, "tiergate.tier.edge") == serving
+    ready = pb.ModelReadyRequest(name=MODEL_NAME)
+    assert (await live.stub.ModelReady(ready)).ready is True
+    assert (await dead.stub.ModelReady(ready)).ready is False
+
+
+@pytest.mark.parametrize("target", ["not a host::", "cloud.internal", "10.0.0.5:99999", ":8101", "host name:1"])
+def test_a_malformed_tier_address_stops_the_start(target: str, tiny_models: object, keyring_path: object) -> None:
+    from gateway.server import GatewayServer
+    from tiergate.envelope import Keyring
+
+    settings = GatewaySettings(models_dir=tiny_models, cloud_target=target, hop_insecure=True)  # type: ignore[arg-type]
+    settings.metrics.enabled = False
+    with pytest.raises(ValueError, match="not an address: expected host:port"):
+        GatewayServer(settings, Keyring.load(keyring_path))  # type: ignore[arg-type]
+    for fine in ("127.0.0.1:8101", "cloud.internal:443", "[::1]:8101", "dns:///cloud.internal:443"):
+        from gateway.server import check_target
+
+        assert check_target(fine, "x") == fine
