@@ -1,0 +1,129 @@
+"""The dynamic batcher: own rows back in order, batch forming rules, deadlines while queued, failure isolation,
+callers that go away, and a shutdown that drains the queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tiergate.batching import BatchStats, DynamicBatcher
+from tiergate.errors import NotReadyError, TierDeadlineError
+
+
+class Model:
+    """Doubles each number after `delay_s`; refuses a batch holding a negative number; records each batch."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[list[int]] = []
+
+    async def run(self, rows: list[int]) -> list[int]:
+        self.batches.append(list(rows))
+        await asyncio.sleep(self.delay_s)
+        if any(row < 0 for row in rows):
+            raise ValueError("negative rows are not allowed")
+        return [row * 2 for row in rows]
+
+
+async def test_concurrent_requests_share_a_batch_and_each_gets_its_own_rows_in_order() -> None:
+    model = Model()
+    stats: list[BatchStats] = []
+    batcher = DynamicBatcher(model.run, max_rows=64, max_delay_s=0.05, on_batch=stats.append)
+    requests = [list(range(start, start + 3)) for start in range(0, 30, 3)]
+    answers = await asyncio.gather(*(batcher.submit(rows) for rows in requests))
+    assert answers == [[row * 2 for row in rows] for rows in requests]
+    assert len(model.batches) == 1 and model.batches[0] == [row for rows in requests for row in rows]
+    assert stats[0].requests == 10 and stats[0].rows == 30
+    await batcher.close()
+
+
+async def test_a_batch_goes_out_when_full_at_a_preferred_size_or_after_the_delay() -> None:
+    model = Model()
+    batcher = DynamicBatcher(model.run, max_rows=8, max_delay_s=10.0, preferred_sizes=[4])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # Four rows reach the preferred size: out at once, not after the 10 s delay.
+    assert await asyncio.gather(*(batcher.submit([n]) for n in range(4))) == [[0], [2], [4], [6]]
+    assert loop.time() - started < 5.0
+    # Twelve rows: eight fill a batch, the other four make a preferred-size batch.
+    await asyncio.gather(*(batcher.submit([n]) for n in range(12)))
+    assert [len(batch) for batch in model.batches[1:]] == [8, 4]
+    quick = DynamicBatcher(model.run, max_rows=8, max_delay_s=0.02)
+    started = loop.time()
+    assert await quick.submit([5]) == [10]  # alone: it waits the delay, no more
+    assert loop.time() - started < 5.0
+    await batcher.close()
+    await quick.close()
+
+
+async def test_a_request_larger_than_a_batch_goes_alone_and_whole() -> None:
+    model = Model()
+    batcher = DynamicBatcher(model.run, max_rows=4, max_delay_s=0.01)
+    big, small = list(range(10)), [100]
+    answers = await asyncio.gather(batcher.submit(small), batcher.submit(big))
+    assert answers == [[200], [n * 2 for n in big]]
+    assert model.batches == [[100], big]
+    await batcher.close()
+
+
+async def test_a_deadline_that_passes_while_queued_fails_that_request_alone() -> None:
+    model = Model(delay_s=0.2)
+    batcher = DynamicBatcher(model.run, max_rows=1, max_delay_s=0.0)
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(batcher.submit([1]))
+    await asyncio.sleep(0.01)  # the first batch is running: the next two queue behind it
+    late = asyncio.ensure_future(batcher.submit([2], deadline=loop.time() + 0.05))
+    patient = asyncio.ensure_future(batcher.submit([3], deadline=loop.time() + 5.0))
+    assert await first == [2]
+    with pytest.raises(TierDeadlineError, match="deadline passed while 1 rows waited"):
+        await late
+    assert await patient == [6]
+    assert [2] not in model.batches, "a request past its deadline was computed"
+    await batcher.close()
+
+
+async def test_one_requests_bad_rows_do_not_fail_the_others() -> None:
+    model = Model()
+    batcher = DynamicBatcher(model.run, max_rows=64, max_delay_s=0.05)
+    good, bad, other = batcher.submit([1, 2]), batcher.submit([3, -1]), batcher.submit([4])
+    answers = await asyncio.gather(good, bad, other, return_exceptions=True)
+    assert answers[0] == [2, 4] and answers[2] == [8]
+    assert isinstance(answers[1], ValueError)
+    await batcher.close()
+
+
+async def test_a_caller_that_goes_away_is_skipped() -> None:
+    model = Model(delay_s=0.1)
+    batcher = DynamicBatcher(model.run, max_rows=1, max_delay_s=0.0)
+    running = asyncio.ensure_future(batcher.submit([1]))
+    await asyncio.sleep(0.01)
+    gone = asyncio.ensure_future(batcher.submit([2]))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    assert await running == [2]
+    assert await batcher.submit([3]) == [6]
+    assert [2] not in model.batches
+    await batcher.close()
+
+
+async def test_close_answers_every_queued_request_then_refuses_new_ones() -> None:
+    model = Model(delay_s=0.02)
+    batcher = DynamicBatcher(model.run, max_rows=2, max_delay_s=1.0)
+    queued = [asyncio.ensure_future(batcher.submit([n])) for n in range(5)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert batcher.queued_rows == 0, "close returned before the queue was answered"
+    assert await asyncio.wait_for(asyncio.gather(*queued), timeout=1.0) == [[0], [2], [4], [6], [8]]
+    with pytest.raises(NotReadyError, match="shutting down"):
+        await batcher.submit([9])
+
+
+def test_settings_are_checked() -> None:
+    async def run(rows: list[int]) -> list[int]:
+        return rows
+
+    with pytest.raises(ValueError, match="max_rows"):
+        DynamicBatcher(run, max_rows=0, max_delay_s=0.0)
+    with pytest.raises(ValueError, match="preferred"):
+        DynamicBatcher(run, max_rows=8, max_delay_s=0.0, preferred_sizes=[16])
