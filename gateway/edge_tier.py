@@ -13,7 +13,9 @@ from opentelemetry.util.types import AttributeValue
 from edge_runtime.model import EdgeModel
 from gateway.metrics import GatewayMetrics
 from gateway.tier import Prediction
+from tiergate.batching import DynamicBatcher
 from tiergate.manifest import Manifest
+from tiergate.settings import BatchingSettings
 
 
 class EdgeTier:
@@ -26,13 +28,25 @@ class EdgeTier:
         *,
         tracer: trace.Tracer | None = None,
         metrics: GatewayMetrics | None = None,
+        batching: BatchingSettings | None = None,
     ) -> None:
+        """`batching` None or disabled: one model call per request."""
         self.name = name
         self._model = model
         self._tracer = tracer or trace.NoOpTracer()
         self._batch_rows = (metrics or GatewayMetrics()).edge_batch_rows.labels(tier=name)
         # One worker: the ONNX session is used by one thread at a time, and requests queue in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge")
+        # With batching, rows of concurrent requests share one model call; without, each request is one call.
+        self._batcher: DynamicBatcher[str, Prediction] | None = None
+        if batching is not None and batching.enabled:
+            self._batcher = DynamicBatcher(
+                self._run_batch,
+                max_rows=batching.max_batch_rows,
+                max_delay_s=batching.max_queue_delay_us / 1e6,
+                preferred_sizes=batching.preferred_batch_sizes,
+                name=f"the {name} tier's batcher",
+            )
 
     @classmethod
     def load(
@@ -44,9 +58,16 @@ class EdgeTier:
         name: str = "edge",
         tracer: trace.Tracer | None = None,
         metrics: GatewayMetrics | None = None,
+        batching: BatchingSettings | None = None,
     ) -> EdgeTier:
         """The edge tier serving the INT8 edge model of `models_dir` on `backend`."""
-        return cls(EdgeModel.load(models_dir, manifest, backend=backend), name=name, tracer=tracer, metrics=metrics)
+        return cls(
+            EdgeModel.load(models_dir, manifest, backend=backend),
+            name=name,
+            tracer=tracer,
+            metrics=metrics,
+            batching=batching,
+        )
 
     @property
     def model(self) -> EdgeModel:
@@ -62,7 +83,8 @@ class EdgeTier:
 
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
         loop = asyncio.get_running_loop()
-        self._batch_rows.observe(len(texts))
+        if self._batcher is None:
+            self._batch_rows.observe(len(texts))
         attributes: dict[str, AttributeValue] = {
             "tiergate.tier": self.name,
             "tiergate.edge.backend": self._model.backend.name,
@@ -70,7 +92,14 @@ class EdgeTier:
             "tiergate.batch_size": len(texts),
         }
         with self._tracer.start_as_current_span("tiergate.edge.infer", attributes=attributes):
+            if self._batcher is not None:
+                return await self._batcher.submit(texts, deadline)
             return await loop.run_in_executor(self._executor, self._predict_sync, list(texts))
+
+    async def _run_batch(self, texts: list[str]) -> list[Prediction]:
+        """One model call on the worker thread for a batch the batcher gathered."""
+        self._batch_rows.observe(len(texts))
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._predict_sync, texts)
 
     def ready(self) -> bool:
         return True
@@ -82,5 +111,7 @@ class EdgeTier:
         return None  # the first tier always runs
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()  # queued requests are answered first
         self._executor.shutdown(wait=True)
         self._model.close()

@@ -164,6 +164,7 @@ def build_tiers(
                     name=name,
                     tracer=tracing.tracer,
                     metrics=metrics,
+                    batching=settings.batching,
                 )
             )
             continue

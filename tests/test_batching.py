@@ -4,11 +4,17 @@ callers that go away, and a shutdown that drains the queue."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from edge_runtime.model import EdgeModel
+from tests.conftest import StackFactory
+from tests.test_gateway import infer_request
+from tests.test_metrics import scrape, value
 from tiergate.batching import BatchStats, DynamicBatcher
 from tiergate.errors import NotReadyError, TierDeadlineError
+from tiergate.settings import CloudSettings, GatewaySettings
 
 
 class Model:
@@ -127,3 +133,26 @@ def test_settings_are_checked() -> None:
         DynamicBatcher(run, max_rows=0, max_delay_s=0.0)
     with pytest.raises(ValueError, match="preferred"):
         DynamicBatcher(run, max_rows=8, max_delay_s=0.0, preferred_sizes=[16])
+
+
+async def test_the_gateway_batches_concurrent_requests_at_the_edge_and_each_gets_its_own_answer(
+    start_stack: StackFactory, tiny_models: Path, tiny_rows: list[tuple[str, str]]
+) -> None:
+    def gather_20ms(gateway: GatewaySettings, cloud: CloudSettings) -> None:
+        gateway.batching.max_queue_delay_us = 20_000
+
+    stack = await start_stack(with_cloud=False, configure=gather_20ms)
+    texts = sorted({text for text, _ in tiny_rows})[:32]
+    replies = await asyncio.gather(
+        *(stack.stub.ModelInfer(infer_request([text], tier="edge"), timeout=10.0) for text in texts)
+    )
+    model = EdgeModel.load(tiny_models)
+    alone = model.predict(texts)
+    expected = [model.labels[int(index)] for index in alone.label_index]
+    model.close()
+    labels = [reply.outputs[0].contents.bytes_contents[0].decode() for reply in replies]
+    assert labels == expected, "a request got another request's answer"
+    samples = await scrape(stack.gateway.metrics_port)
+    calls = value(samples, "tiergate_edge_batch_rows_count", tier="edge")
+    rows = value(samples, "tiergate_edge_batch_rows_sum", tier="edge")
+    assert rows == len(texts) and calls < len(texts) / 4, f"{calls:.0f} model calls for {len(texts)} requests"

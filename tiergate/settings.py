@@ -68,6 +68,18 @@ class LimitSettings:
 
 
 @dataclass
+class BatchingSettings:
+    """Dynamic batching at the edge: rows of concurrent requests share one model call (see tiergate/batching.py)."""
+
+    enabled: bool = True
+    # A batch goes out at this many rows, at a preferred size, or once its oldest request waited the delay.
+    # A delay of 0 adds no wait: batches form from what queued while the model was busy.
+    max_batch_rows: int = 64
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
 class TracingSettings:
     """OpenTelemetry tracing. The standard `OTEL_*` variables override each field (as the
     `TIERGATE_*` variables override the rest of the file); with no endpoint nothing is exported."""
@@ -269,6 +281,7 @@ class GatewaySettings:
     grace_s: float = 5.0
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cost: CostSettings = field(default_factory=CostSettings)
@@ -332,7 +345,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ValueError(f"{where}: expected a boolean, got {value!r}")
     if origin is list:
         items = value.split(",") if isinstance(value, str) else list(value)
-        return [str(item).strip() for item in items if str(item).strip()]
+        (item_type,) = typing.get_args(annotation) or (str,)
+        texts = [str(item).strip() for item in items if str(item).strip()]
+        return [_coerce(text, item_type, f"{where}[{index}]") for index, text in enumerate(texts)]
     try:
         return annotation(value)
     except (TypeError, ValueError) as error:
