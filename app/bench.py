@@ -317,7 +317,7 @@ class EchoCloudServicer(cloud_pb2_grpc.CloudInferenceServicer):
         opened = time.perf_counter()
         response = cloud_pb2.CloudInferResponse(
             model_version="bench-echo",
-            predictions=[cloud_pb2.CloudPrediction(label=text, confidence=0.5) for text in plain.texts],
+            predictions=[cloud_pb2.CloudPrediction(label=text, signal=0.5, probability=0.5) for text in plain.texts],
         )
         sealing = time.perf_counter()
         sealed = self._sealer.seal(response, request_id=request.request_id, direction="response")

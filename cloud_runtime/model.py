@@ -146,7 +146,7 @@ class CloudModel:
         return dict(zip(self.outputs, self._run(texts, self.outputs), strict=True))
 
     def predict(self, texts: Sequence[str]) -> Scored:
-        """Labels and confidence under the manifest's temperature and routing signal."""
+        """Labels, their calibrated probabilities and the routing signal, under the manifest's temperature."""
         return score(self.logits(texts), self.temperature, self.signal)
 
     def close(self) -> None:

@@ -77,8 +77,8 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         return cloud_pb2.CloudInferResponse(
             model_version=self._model_version,
             predictions=[
-                cloud_pb2.CloudPrediction(label=labels[int(i)], confidence=float(c))
-                for i, c in zip(scored.label_index, scored.confidence, strict=True)
+                cloud_pb2.CloudPrediction(label=labels[int(i)], signal=float(s), probability=float(p))
+                for i, p, s in zip(scored.label_index, scored.probability, scored.signal, strict=True)
             ],
         )
 

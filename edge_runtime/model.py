@@ -94,7 +94,7 @@ class EdgeModel:
         return self.backend.run(self.featurizer.transform(texts))
 
     def predict(self, texts: Sequence[str]) -> Scored:
-        """Labels and confidence under the manifest's temperature and routing signal."""
+        """Labels, their calibrated probabilities and the routing signal, under the manifest's temperature."""
         return score(self.logits(texts), self.temperature, self.signal)
 
     def close(self) -> None:

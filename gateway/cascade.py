@@ -35,7 +35,9 @@ class RowAnswer:
     """The answer returned for one row, with the tier that gave it and why it got there."""
 
     label: str
-    confidence: float
+    # The calibrated probability of `label`, and the routing signal the thresholds were applied to.
+    probability: float
+    signal: float
     tier: str
     reasons: tuple[Reason, ...] = ()
     # Every tier that ran this row, in order (an escalated row ran at each tier it passed).
@@ -174,7 +176,7 @@ class Cascade:
             # Heavy rows whose tiers all failed or were out of time: the first tier answers them.
             self._take(0, missing, await self.tiers[0].predict([row.text for row in missing], deadline))
         answered = [
-            RowAnswer(r.answer.label, r.answer.confidence, r.tier, tuple(r.reasons), tuple(r.ran))
+            RowAnswer(r.answer.label, r.answer.probability, r.answer.signal, r.tier, tuple(r.reasons), tuple(r.ran))
             for r in rows
             if r.answer
         ]
@@ -320,7 +322,7 @@ class Cascade:
 
 def routing_signal(answer: Prediction) -> float:
     """The value routing compares with a tier's threshold."""
-    return answer.confidence
+    return answer.signal
 
 
 def _refusal(short: list[_Row]) -> TierUnavailableError | TierDeadlineError:
@@ -395,7 +397,7 @@ class TieredModel:
             self.drift.offer(
                 [text for text, _ in shareable],
                 [
-                    (row.label, row.confidence, row.tier == first and not row.reasons and row.confidence >= threshold)
+                    (row.label, row.signal, row.tier == first and not row.reasons and row.signal >= threshold)
                     for _, row in shareable
                 ],
             )

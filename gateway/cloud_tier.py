@@ -226,7 +226,7 @@ class CloudTier:
             raise TierUnavailableError(f"cloud response rejected: {error}") from None
         if len(response.predictions) != len(texts):
             raise TierUnavailableError("cloud response has the wrong number of rows")
-        return [Prediction(p.label, p.confidence) for p in response.predictions]
+        return [Prediction(p.label, probability=p.probability, signal=p.signal) for p in response.predictions]
 
     def ready(self) -> bool:
         """What the cloud's own health service last said (False until it has said SERVING)."""

@@ -22,6 +22,8 @@ from tiergate.constants import (
     OUTPUTS,
     REASONS_PARAMETER,
     ROWS_PARAMETER_SUFFIX,
+    SIGNAL_NAME_PARAMETER,
+    SIGNAL_OUTPUT,
     TIER_OUTPUT,
 )
 from tiergate.errors import InvalidInputError, RequestTooLargeError
@@ -151,8 +153,9 @@ def encode_response(
     model_name: str,
     model_version: str,
     chain: Sequence[str] = (),
+    signal: str = "",
 ) -> pb.ModelInferResponse:
-    """Build the OIP response: outputs label/confidence/tier plus routing parameters.
+    """Build the OIP response: outputs label/confidence/tier/routing_signal plus routing parameters.
 
     `<tier>_rows` is sent for every tier of `chain`, zero included, so callers need not guess.
     """
@@ -161,7 +164,10 @@ def encode_response(
         LABEL_OUTPUT: [row.label.encode("utf-8") for row in result.rows],
         TIER_OUTPUT: [row.tier.encode("utf-8") for row in result.rows],
     }
-    fp32_columns = {CONFIDENCE_OUTPUT: [row.confidence for row in result.rows]}
+    fp32_columns = {
+        CONFIDENCE_OUTPUT: [row.probability for row in result.rows],
+        SIGNAL_OUTPUT: [row.signal for row in result.rows],
+    }
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=batch.request_id)
     for name in batch.outputs:
         datatype = OUTPUTS[name]
@@ -184,6 +190,8 @@ def encode_response(
     for tier in dict.fromkeys([*chain, *tiers]):
         response.parameters[f"{tier}{ROWS_PARAMETER_SUFFIX}"].int64_param = tiers.count(tier)
     response.parameters[DEGRADED_PARAMETER].bool_param = result.degraded
+    if signal:
+        response.parameters[SIGNAL_NAME_PARAMETER].string_param = signal
     return response
 
 

@@ -77,8 +77,8 @@ class EdgeTier:
         scored = self._model.predict(texts)
         labels = self._model.labels
         return [
-            Prediction(labels[int(index)], float(conf))
-            for index, conf in zip(scored.label_index, scored.confidence, strict=True)
+            Prediction(labels[int(index)], probability=float(probability), signal=float(signal))
+            for index, probability, signal in zip(scored.label_index, scored.probability, scored.signal, strict=True)
         ]
 
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:

@@ -108,5 +108,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         with self.admission.admit(len(batch.texts)):
             result = await model.infer(batch.texts, batch.hint, deadline)
         return encode_response(
-            batch, result, model_name=model.name, model_version=model.version, chain=model.tier_names
+            batch,
+            result,
+            model_name=model.name,
+            model_version=model.version,
+            chain=model.tier_names,
+            signal=model.cascade.policy.signal,
         )

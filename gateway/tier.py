@@ -9,10 +9,12 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Prediction:
-    """One row's answer from one tier."""
+    """One row's answer from one tier: its label, the calibrated probability of that label (what the caller sees
+    as confidence), and the routing signal a threshold applies to (which signal it is, the manifest says)."""
 
     label: str
-    confidence: float
+    probability: float
+    signal: float
 
 
 class Tier(Protocol):

@@ -56,7 +56,9 @@ class ScriptedTier:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        return [Prediction(f"{self.name}:{text}", self.signals.get(text, 0.99)) for text in texts]
+        return [
+            Prediction(f"{self.name}:{text}", probability=0.5, signal=self.signals.get(text, 0.99)) for text in texts
+        ]
 
     def ready(self) -> bool:
         return True

@@ -65,7 +65,7 @@ def test_tritonclient_unmodified(served: Served, tiny_rows: list[tuple[str, str]
     seen = json.loads(done.stdout)
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
-    assert seen["outputs"] == ["label", "confidence", "tier"]
+    assert seen["outputs"] == ["label", "confidence", "tier", "routing_signal"]
     assert len(seen["label"]) == len(texts) and all(seen["label"])
     assert all(0.0 <= c <= 1.0 for c in seen["confidence"])
     assert set(seen["tier"]) <= {"edge", "cloud"}

@@ -52,20 +52,24 @@ def test_encode_mirrors_request(raw: bool) -> None:
     batch = decode_request(request([b"milk", b"chips"], raw=raw), LIMITS)
     result = CascadeResult(
         rows=[
-            RowAnswer("dairy", 0.9, "edge"),
-            RowAnswer("snacks", 0.4, "cloud", (Reason.LOW_CONFIDENCE, Reason.LONG_INPUT)),
+            RowAnswer("dairy", 0.9, 0.85, "edge"),
+            RowAnswer("snacks", 0.4, 0.05, "cloud", (Reason.LOW_CONFIDENCE, Reason.LONG_INPUT)),
         ]
     )
-    resp = encode_response(batch, result, model_name="product-category", model_version="v1")
-    assert [o.name for o in resp.outputs] == ["label", "confidence", "tier"]
+    resp = encode_response(batch, result, model_name="product-category", model_version="v1", signal="margin")
+    assert [o.name for o in resp.outputs] == ["label", "confidence", "tier", "routing_signal"]
+    assert resp.parameters["routing_signal_name"].string_param == "margin"
     assert json.loads(resp.parameters["escalation_reasons"].string_param) == ["", "low_confidence+long_input"]
     assert resp.parameters["edge_rows"].int64_param == 1 and resp.parameters["cloud_rows"].int64_param == 1
     if raw:
-        assert len(resp.raw_output_contents) == 3
+        assert len(resp.raw_output_contents) == 4
         assert np.frombuffer(resp.raw_output_contents[1], dtype="<f4").tolist() == pytest.approx([0.9, 0.4])
+        assert np.frombuffer(resp.raw_output_contents[3], dtype="<f4").tolist() == pytest.approx([0.85, 0.05])
         assert resp.raw_output_contents[0] == _raw([b"dairy", b"snacks"])
     else:
         assert list(resp.outputs[2].contents.bytes_contents) == [b"edge", b"cloud"]
+        assert list(resp.outputs[1].contents.fp32_contents) == pytest.approx([0.9, 0.4])
+        assert list(resp.outputs[3].contents.fp32_contents) == pytest.approx([0.85, 0.05])
 
 
 def _named(req: pb.ModelInferRequest, name: str) -> pb.ModelInferRequest:
@@ -154,6 +158,7 @@ def test_encode_metadata() -> None:
         ("label", "BYTES", [-1]),
         ("confidence", "FP32", [-1]),
         ("tier", "BYTES", [-1]),
+        ("routing_signal", "FP32", [-1]),
     ]
 
 
@@ -174,7 +179,7 @@ def test_a_bad_tier_hint_says_what_was_sent(set_value: object, said: str) -> Non
 
 def test_rows_per_tier_are_sent_for_every_tier_of_the_chain_zero_included() -> None:
     batch = decode_request(request([b"milk"]), LIMITS)
-    result = CascadeResult(rows=[RowAnswer("dairy", 0.9, "edge")])
+    result = CascadeResult(rows=[RowAnswer("dairy", 0.9, 0.8, "edge")])
     response = encode_response(batch, result, model_name="m", model_version="1", chain=["edge", "cloud"])
     assert response.parameters["edge_rows"].int64_param == 1
     assert "cloud_rows" in response.parameters and response.parameters["cloud_rows"].int64_param == 0

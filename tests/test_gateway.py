@@ -59,7 +59,7 @@ def sure_and_unsure(tiny_models: Path, tiny_rows: list[tuple[str, str]]) -> tupl
     """The edge's most and least confident held-out rows, and a threshold between them."""
     model = EdgeModel.load(tiny_models)
     texts = sorted({text for text, _ in tiny_rows if len(text.split()) <= 8})
-    confidence = model.predict(texts).confidence
+    confidence = model.predict(texts).signal
     model.close()
     order = np.argsort(confidence)
     low, high = float(confidence[order[0]]), float(confidence[order[-1]])
@@ -83,6 +83,7 @@ async def test_health_reflection_and_metadata(stack: Stack) -> None:
         ("label", "BYTES", [-1]),
         ("confidence", "FP32", [-1]),
         ("tier", "BYTES", [-1]),
+        ("routing_signal", "FP32", [-1]),
     ]
     server = await stack.stub.ServerMetadata(pb.ServerMetadataRequest())
     assert server.name == "tiergate"
@@ -338,3 +339,26 @@ async def test_renamed_model_reaches_a_cloud_configured_alike(start_stack: Stack
     assert reply.model_name == "shelf-aisle"
     assert reply.parameters[DEGRADED_PARAMETER].bool_param is False
     assert [o.contents.bytes_contents[0] for o in reply.outputs if o.name == TIER_OUTPUT] == [b"cloud"]
+
+
+async def test_confidence_is_the_calibrated_probability_and_routing_signal_drives_escalation(
+    start_stack: StackFactory, tiny_models: Path, sure_and_unsure: tuple[str, str, float]
+) -> None:
+    from tiergate.scoring import softmax
+
+    sure, unsure, threshold = sure_and_unsure
+    model = EdgeModel.load(tiny_models)
+    texts = [sure, unsure]
+    probs = softmax(model.logits(texts), model.temperature)
+    signals = model.predict(texts).signal
+    model.close()
+    stack = await start_stack(threshold=threshold)
+    edge_only = await stack.stub.ModelInfer(infer_request(texts, tier="edge"), timeout=10.0)
+    out = {o.name: o for o in edge_only.outputs}
+    np.testing.assert_allclose(list(out["confidence"].contents.fp32_contents), probs.max(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(list(out["routing_signal"].contents.fp32_contents), signals, rtol=1e-5)
+    assert edge_only.parameters["routing_signal_name"].string_param == model.signal
+    # Escalation follows the signal against the threshold, row by row.
+    auto = await stack.stub.ModelInfer(infer_request(texts), timeout=10.0)
+    tiers = [tier.decode() for tier in {o.name: o for o in auto.outputs}["tier"].contents.bytes_contents]
+    assert tiers == ["cloud" if signal < threshold else "edge" for signal in signals] == ["edge", "cloud"]

@@ -99,7 +99,7 @@ def test_calibration_contract_holds_on_heldout_rows(real_models: Path, tmp_path:
     edge = EdgeModel.load(models)
     try:
         texts = [text for text, _ in heldout_examples(models, INSTACART)]
-        achieved = float((edge.predict(texts).confidence < routing.threshold).mean())
+        achieved = float((edge.predict(texts).signal < routing.threshold).mean())
     finally:
         edge.close()
     # ~800 held-out rows: allow sampling noise beyond the issue's +-2 points on the full test split.

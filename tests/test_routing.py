@@ -36,7 +36,8 @@ class TableTier:
             raise TierUnavailableError(f"{self.name} is down")
         if self.error is not None:
             raise self.error
-        return [Prediction(*self.table[text]) for text in texts]
+        # The table's value stands for both the probability and the routing signal.
+        return [Prediction(self.table[text][0], self.table[text][1], self.table[text][1]) for text in texts]
 
     def ready(self) -> bool:
         return True

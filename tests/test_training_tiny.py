@@ -51,8 +51,8 @@ def test_models_predict_labels(tiny_models: Path, tiny_rows: list[tuple[str, str
         for model in (edge, cloud):
             scored = model.predict(texts)
             assert scored.label_index.shape == (len(texts),)
-            assert scored.confidence.shape == (len(texts),)
-            assert ((scored.confidence >= 0) & (scored.confidence <= 1)).all()
+            assert scored.signal.shape == (len(texts),)
+            assert ((scored.signal >= 0) & (scored.signal <= 1)).all()
             assert model.labels == load_manifest(tiny_models).labels
             assert model.logits([]).shape == (0, len(model.labels))
         gold = np.array([edge.labels.index(label) for _, label in tiny_rows])

@@ -12,8 +12,18 @@ INPUT_DATATYPE: Final = "BYTES"
 LABEL_OUTPUT: Final = "label"
 CONFIDENCE_OUTPUT: Final = "confidence"
 TIER_OUTPUT: Final = "tier"
+# The value a tier's threshold was applied to (the manifest's signal: max_prob, margin or entropy); `confidence`
+# is the calibrated probability of the returned label.
+SIGNAL_OUTPUT: Final = "routing_signal"
 # Output name -> OIP datatype, in the order responses list them.
-OUTPUTS: Final[dict[str, str]] = {LABEL_OUTPUT: "BYTES", CONFIDENCE_OUTPUT: "FP32", TIER_OUTPUT: "BYTES"}
+OUTPUTS: Final[dict[str, str]] = {
+    LABEL_OUTPUT: "BYTES",
+    CONFIDENCE_OUTPUT: "FP32",
+    TIER_OUTPUT: "BYTES",
+    SIGNAL_OUTPUT: "FP32",
+}
+# Response parameter: the name of the routing signal (`routing_signal` output) the thresholds apply to.
+SIGNAL_NAME_PARAMETER: Final = "routing_signal_name"
 
 # Request parameter: the caller's routing hint (auto, edge, cloud).
 HINT_PARAMETER: Final = "tier"

@@ -1,4 +1,9 @@
-"""Temperature-scaled probabilities and the confidence signals that drive escalation."""
+"""Temperature-scaled probabilities and the confidence signals that drive escalation.
+
+Two numbers per row, never to be confused: the calibrated probability of the returned label (what a caller reads
+as `confidence`), and the routing signal (max_prob, margin or entropy, as the manifest names it) that a tier's
+threshold applies to.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ SIGNALS = ("max_prob", "margin", "entropy")
 
 @dataclass(frozen=True)
 class Scored:
-    """Predicted label indices and a confidence in [0, 1] (higher means more confident)."""
+    """Predicted label indices; per row the calibrated probability of that label and the routing signal, both in
+    [0, 1] (higher means more confident)."""
 
     label_index: np.ndarray
-    confidence: np.ndarray
+    probability: np.ndarray
+    signal: np.ndarray
 
 
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -55,11 +62,13 @@ def confidence_from_probs(probs: np.ndarray, signal: str) -> np.ndarray:
 
 
 def score(logits: np.ndarray, temperature: float, signal: str) -> Scored:
-    """Arg-max labels and the chosen confidence signal of temperature-scaled ``logits``."""
+    """Arg-max labels, their temperature-scaled probabilities, and the chosen routing signal of ``logits``."""
     if signal not in SIGNALS:
         raise ValueError(f"unknown confidence signal {signal!r}; expected one of {', '.join(SIGNALS)}")
     probs = softmax(logits, temperature)
+    label_index = probs.argmax(axis=1).astype(np.int64)
     return Scored(
-        label_index=probs.argmax(axis=1).astype(np.int64),
-        confidence=confidence_from_probs(probs, signal),
+        label_index=label_index,
+        probability=probs[np.arange(len(probs)), label_index].astype(np.float32),
+        signal=confidence_from_probs(probs, signal),
     )

@@ -459,7 +459,7 @@ def calibrate_routing(chosen: EdgeCandidate, val: Catalogue, cloud: CloudStage, 
     scored = score(chosen.validation_logits, chosen.temperature, signal)
     routing = routing_from_predictions(
         signal,
-        scored.confidence,
+        scored.signal,
         scored.label_index == val.y,
         cloud.validation_right,
         target_escalation=config.target_escalation,
@@ -499,7 +499,7 @@ def measure_test(
         edge_fp32_model.close()
         cloud_model.close()
     test_scored = score(edge_test, temperature, signal)
-    escalate = test_scored.confidence < calibration.routing.threshold
+    escalate = test_scored.signal < calibration.routing.threshold
     edge_right = test_scored.label_index == test.y
     cloud_right = cloud_test.argmax(1) == test.y
     return TestMetrics(

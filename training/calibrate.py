@@ -189,7 +189,7 @@ def least_escalation_at_floor(
     for signal in SIGNALS:
         scored = score(edge_logits, temperature, signal)
         spec = routing_from_predictions(
-            signal, scored.confidence, scored.label_index == y, cloud_right, target_quality=quality
+            signal, scored.signal, scored.label_index == y, cloud_right, target_quality=quality
         )
         best = min(best, (spec.calibration["achieved_escalation"], signal))
     return best
@@ -220,7 +220,7 @@ def calibrate(
         cloud.close()
     routing = routing_from_predictions(
         manifest.routing.signal,
-        edge_scored.confidence,
+        edge_scored.signal,
         edge_scored.label_index == val.y,
         cloud_labels == val.y,
         target_escalation=target_escalation,

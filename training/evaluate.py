@@ -111,15 +111,13 @@ def _section(
     if to_group is not None:
         edge_pred, cloud_pred = to_group[edge_pred], to_group[cloud_pred]
     edge_right, cloud_right = edge_pred == gold, cloud_pred == gold
-    escalate = edge_scored.confidence < manifest.routing.threshold
+    escalate = edge_scored.signal < manifest.routing.threshold
     cascade_pred = np.where(escalate, cloud_pred, edge_pred)
     cascade_right = cascade_pred == gold
     cloud_acc = share(cloud_right, digits=None)
-    curve = cascade_curve(edge_scored.confidence, edge_right, cloud_right)
+    curve = cascade_curve(edge_scored.signal, edge_right, cloud_right)
     reachable = np.flatnonzero(curve.accuracy >= QUALITY_FLOOR * cloud_acc - 1e-12)
-    aurocs = {
-        s: round(auroc(score(edge_logits, manifest.edge.temperature, s).confidence, edge_right), 4) for s in SIGNALS
-    }
+    aurocs = {s: round(auroc(score(edge_logits, manifest.edge.temperature, s).signal, edge_right), 4) for s in SIGNALS}
     return {
         "rows": len(gold),
         "edge_accuracy": share(edge_right),
@@ -138,7 +136,7 @@ def _section(
         if len(reachable)
         else None,
         "signal_auroc_edge_right": aurocs,
-        "curve": _curve_points(edge_scored.confidence, edge_right, cloud_right),
+        "curve": _curve_points(edge_scored.signal, edge_right, cloud_right),
     }
 
 

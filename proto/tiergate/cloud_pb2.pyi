@@ -33,12 +33,14 @@ class CloudInferRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., gateway_request_id: _Optional[str] = ...) -> None: ...
 
 class CloudPrediction(_message.Message):
-    __slots__ = ("label", "confidence")
+    __slots__ = ("label", "signal", "probability")
     LABEL_FIELD_NUMBER: _ClassVar[int]
-    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     label: str
-    confidence: float
-    def __init__(self, label: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
+    signal: float
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., signal: _Optional[float] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class CloudInferResponse(_message.Message):
     __slots__ = ("model_version", "predictions")
