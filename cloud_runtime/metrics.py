@@ -26,6 +26,12 @@ class CloudMetrics:
         self.batch_rows = Histogram(
             "tiergate_cloud_batch_rows", "Rows per cloud model call.", ["model"], buckets=ROW_BUCKETS, registry=r
         )
+        self.rows_dropped = Counter(
+            "tiergate_cloud_rows_dropped_total",
+            "Rows not computed because their caller had gone (cancelled) or its deadline had passed, by reason.",
+            ["model", "reason"],
+            registry=r,
+        )
         self.envelope_rejections = Counter(
             "tiergate_cloud_envelope_rejections_total", "Sealed requests refused, by cause.", ["cause"], registry=r
         )

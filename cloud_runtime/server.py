@@ -64,6 +64,7 @@ class CloudServer:
             tracer=self.tracing.tracer,
             metrics=self.metrics,
             replay=settings.replay,
+            chunk_rows=settings.model_chunk_rows,
         )
 
         def register(server: grpc.aio.Server) -> list[str]:

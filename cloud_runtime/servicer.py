@@ -43,6 +43,7 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         metrics: CloudMetrics | None = None,
         replay: ReplaySettings | None = None,
         clock: Callable[[], float] = time.time,
+        chunk_rows: int = 32,
     ) -> None:
         """`replay` sizes the freshness window and seen-set (defaults: `ReplaySettings()`); `clock` is the wall
         clock that window is measured on."""
@@ -57,6 +58,9 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         self._limits = limits
         self.admission = Admission(limits.max_inflight_requests, limits.max_inflight_rows)
         self._guard = ReplayGuard(replay, clock=clock)
+        if chunk_rows < 1:
+            raise ValueError(f"model_chunk_rows must be at least 1, got {chunk_rows}")
+        self._chunk_rows = chunk_rows
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
 
     def _check(self, request: cloud_pb2.CloudInferRequest) -> list[str]:
@@ -71,16 +75,41 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
             raise RequestTooLargeError(f"{len(texts)} rows exceed the limit of {self._limits.max_batch_rows}")
         return texts
 
-    def _predict(self, texts: list[str]) -> cloud_pb2.CloudInferResponse:
-        scored = self._model.predict(texts)
-        labels = self._model.labels
-        return cloud_pb2.CloudInferResponse(
-            model_version=self._model_version,
-            predictions=[
-                cloud_pb2.CloudPrediction(label=labels[int(i)], signal=float(s), probability=float(p))
-                for i, p, s in zip(scored.label_index, scored.probability, scored.signal, strict=True)
-            ],
-        )
+    @staticmethod
+    def _predict(model: CloudModel, texts: list[str]) -> list[cloud_pb2.CloudPrediction]:
+        scored = model.predict(texts)
+        labels = model.labels
+        return [
+            cloud_pb2.CloudPrediction(label=labels[int(i)], signal=float(s), probability=float(p))
+            for i, p, s in zip(scored.label_index, scored.probability, scored.signal, strict=True)
+        ]
+
+    async def _run_model(
+        self, texts: list[str], context: grpc.aio.ServicerContext[cloud_pb2.Envelope, cloud_pb2.Envelope]
+    ) -> cloud_pb2.CloudInferResponse:
+        """The model over `texts`, a chunk at a time off the event loop, stopping as soon as the caller is gone.
+
+        Chunks of concurrent requests take turns on the one model thread. A caller that cancels (or whose
+        deadline passes) cancels this coroutine: the chunk running finishes, the rest is never computed. Every
+        chunk runs on the model version the request started with.
+        """
+        loop = asyncio.get_running_loop()
+        model, version = self._model, self._model_version
+        predictions: list[cloud_pb2.CloudPrediction] = []
+        try:
+            for start in range(0, len(texts), self._chunk_rows):
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise asyncio.CancelledError  # the caller has given up: its answer would be thrown away
+                chunk = texts[start : start + self._chunk_rows]
+                self._metrics.batch_rows.labels(model=self._model_name).observe(len(chunk))
+                predictions.extend(await loop.run_in_executor(self._executor, self._predict, model, chunk))
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+            self._metrics.rows_dropped.labels(model=self._model_name, reason=reason).inc(len(texts) - len(predictions))
+            raise
+        return cloud_pb2.CloudInferResponse(model_version=version, predictions=predictions)
 
     async def Infer(
         self, request: cloud_pb2.Envelope, context: grpc.aio.ServicerContext[cloud_pb2.Envelope, cloud_pb2.Envelope]
@@ -113,21 +142,34 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
             server_span.set_attribute("tiergate.request_id", request_id)
         texts = self._check(plain)
         audit_detail(rows=len(texts))
-        loop = asyncio.get_running_loop()
-        self._metrics.batch_rows.labels(model=self._model_name).observe(len(texts))
         with (
             self.admission.admit(len(texts)),
             self._tracer.start_as_current_span(
                 "tiergate.cloud.infer", attributes={"tiergate.tier": "cloud", "tiergate.rows": len(texts)}
             ),
         ):
-            response = await loop.run_in_executor(self._executor, self._predict, texts)
+            response = await self._run_model(texts, context)
         with timed_span(self._tracer, "tiergate.seal") as span:
             sealed = self._sealer.seal(response, request_id=request.request_id, direction="response")
             span.set_attribute("tiergate.envelope.bytes", sealed.ByteSize())
         self._metrics.rows.labels(model=self._model_name).inc(len(texts))
         self._metrics.request_seconds.labels(model=self._model_name).observe(time.perf_counter() - started)
         return sealed
+
+    @property
+    def model(self) -> CloudModel:
+        return self._model
+
+    @property
+    def model_version(self) -> str:
+        return self._model_version
+
+    def use_model(self, model: CloudModel, version: str) -> CloudModel:
+        """Answer new chunks with `model` (a new version); returns the old model for its owner to close once
+        the chunks already running on it are done. One assignment: a chunk sees the old pair or the new."""
+        old = self._model
+        self._model, self._model_version = model, version
+        return old
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 # A failing tier is warned about at most this often (the rest are counted into the next warning).
 WARN_EVERY_S = 10.0
+# Time kept back from a remote tier's deadline for the first tier to answer the rows that have no answer yet:
+# their count times the first tier's recent cost per row (starting from a guess), with a margin.
+FIRST_ROW_S_INITIAL = 1e-4
+FIRST_ROW_WEIGHT = 0.1
+FALLBACK_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ class Cascade:
         self.data_policy = data_policy if data_policy is not None else BoundaryPolicy()
         self._tracer = tracer or trace.NoOpTracer()
         self._warned: dict[str, tuple[float, int]] = {}
+        # What one row recently cost at the first tier (an exponentially weighted mean), seconds.
+        self._first_row_s = FIRST_ROW_S_INITIAL
 
     def ready(self) -> bool:
         """The first tier is up; later tiers may be down (fail_open: answers come from earlier tiers), unless
@@ -165,7 +172,7 @@ class Cascade:
                 if not await self._run_remote(level, tier, pending, deadline):
                     failed.add(tier.name)
             else:
-                self._take(level, pending, await tier.predict([row.text for row in pending], deadline))
+                self._take(level, pending, await self._first(pending, deadline))
         short = [row for row in rows if row.short is not None]
         # Degraded: a tier failed and rows it should have answered hold an earlier tier's answer.
         degraded = any(row.short_of in failed for row in short)
@@ -174,7 +181,7 @@ class Cascade:
         missing = [row for row in rows if row.answer is None]
         if missing:
             # Heavy rows whose tiers all failed or were out of time: the first tier answers them.
-            self._take(0, missing, await self.tiers[0].predict([row.text for row in missing], deadline))
+            self._take(0, missing, await self._first(missing, deadline))
         answered = [
             RowAnswer(r.answer.label, r.answer.probability, r.answer.signal, r.tier, tuple(r.reasons), tuple(r.ran))
             for r in rows
@@ -195,6 +202,10 @@ class Cascade:
         """
         grey = self._grey(pending)
         rest = [row for row in pending if row not in grey] if grey else pending
+        if deadline is not None:
+            # Rows with no answer yet fall back to the first tier if this one fails: keep that time back too.
+            unanswered = sum(row.answer is None for row in pending)
+            deadline -= unanswered * self._first_row_s * FALLBACK_MARGIN
         hedge: asyncio.Future[list[Prediction]] | None = None
         loop = asyncio.get_running_loop()
         try:
@@ -227,6 +238,14 @@ class Cascade:
                 hedge.cancel()
             elif hedge is not None and not hedge.cancelled():
                 hedge.exception()  # retrieved: a failure already handled is not logged again as unretrieved
+
+    async def _first(self, rows: list[_Row], deadline: float | None) -> list[Prediction]:
+        """The first tier's answers for `rows`, timed: what a row costs there sizes the time kept for fallbacks."""
+        started = time.perf_counter()
+        answers = await self.tiers[0].predict([row.text for row in rows], deadline)
+        per_row = (time.perf_counter() - started) / len(rows)
+        self._first_row_s += FIRST_ROW_WEIGHT * (per_row - self._first_row_s)
+        return answers
 
     def _grey(self, pending: list[_Row]) -> list[_Row]:
         """Rows holding an answer whose signal lies within the hedge band under its tier's threshold."""

@@ -73,6 +73,8 @@ LATENCY_WINDOW = 256
 LATENCY_MIN_SAMPLES = 20
 # Below this much time left, escalating cannot succeed; answer from the edge instead.
 MIN_CALL_BUDGET_S = 0.005
+# Sealed calls of one chunked escalation in flight at once.
+CHUNKS_IN_FLIGHT = 2
 
 
 class CloudTier:
@@ -96,6 +98,7 @@ class CloudTier:
         channel_options: Sequence[tuple[str, str]] = (),
         breaker: BreakerSettings | None = None,
         deadline_reserve_s: float = 0.02,
+        chunk_rows: int = 64,
     ) -> None:
         """`replay.skew_s` is the freshness window for responses (default `ReplaySettings()`), measured on
         `clock`."""
@@ -123,6 +126,9 @@ class CloudTier:
         self._retiring: set[asyncio.Task[None]] = set()
         self._serving: bool | None = None  # unknown until the health service first answers (or fails)
         self._reserve_s = deadline_reserve_s
+        if chunk_rows < 1:
+            raise ValueError(f"hop_chunk_rows must be at least 1, got {chunk_rows}")
+        self._chunk_rows = chunk_rows
         # Recent successful call latencies: what deadline-aware escalation measures a caller's time left against.
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.breaker = CircuitBreaker(breaker or BreakerSettings(), on_change=self._breaker_moved)
@@ -174,7 +180,10 @@ class CloudTier:
             raise TierUnavailableError(f"the {self.name} tier's circuit is open; earlier tiers answer")
         started = time.monotonic()
         try:
-            predictions = await self._call(texts, timeout)
+            if len(texts) <= self._chunk_rows:
+                predictions = await self._call(texts, timeout)
+            else:
+                predictions = await self._call_in_chunks(texts, deadline)
         except TierDeadlineError:
             # Slow against its own timeout is the tier's fault; against a caller's tighter deadline it is not.
             self.breaker.record(timeout < self._timeout_s)
@@ -188,6 +197,27 @@ class CloudTier:
         self.breaker.record(True)
         self._latencies.append(time.monotonic() - started)
         return predictions
+
+    async def _call_in_chunks(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+        """A large escalation as sealed calls of at most `chunk_rows` rows, CHUNKS_IN_FLIGHT at a time, answers
+        in order. The first failure fails it all and cancels the calls still running or waiting."""
+        gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def one(chunk: Sequence[str]) -> list[Prediction]:
+            async with gate:
+                return await self._call(chunk, self._timeout(deadline))
+
+        size = self._chunk_rows
+        calls = [asyncio.ensure_future(one(texts[start : start + size])) for start in range(0, len(texts), size)]
+        try:
+            answers = await asyncio.gather(*calls)
+        finally:
+            for call in calls:
+                if not call.done():
+                    call.cancel()
+                elif not call.cancelled():
+                    call.exception()  # retrieved: one failure is reported once, by gather
+        return [prediction for chunk in answers for prediction in chunk]
 
     async def _call(self, texts: Sequence[str], timeout: float) -> list[Prediction]:
         hop_id = uuid.uuid4().hex

@@ -190,6 +190,7 @@ def build_tiers(
                 channel_options=channel_options(settings.hop_tls) if secure else (),
                 breaker=settings.breaker,
                 deadline_reserve_s=settings.routing.deadline_reserve_s,
+                chunk_rows=settings.limits.hop_chunk_rows,
             )
         )
     return tiers

@@ -65,6 +65,9 @@ class LimitSettings:
     # Admission control: past these many requests or rows in flight, new requests get RESOURCE_EXHAUSTED at once.
     max_inflight_requests: int = 256
     max_inflight_rows: int = 8192
+    # The gateway sends a remote tier at most this many rows per call: a larger escalation goes as several
+    # sealed calls, two at a time.
+    hop_chunk_rows: int = 64
 
 
 @dataclass
@@ -311,6 +314,9 @@ class CloudSettings:
     keyring_path: Path = DEFAULT_KEYRING
     grace_s: float = 5.0
     intra_op_threads: int = 1
+    # The model runs a request this many rows at a time; between chunks it stops if the caller has gone, so
+    # abandoned work costs later requests one chunk at most.
+    model_chunk_rows: int = 32
     limits: LimitSettings = field(default_factory=LimitSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(port=8102))
