@@ -58,6 +58,12 @@ def current_client_name() -> str:
     return "-" if client is None else client.name
 
 
+def may_use(model: str) -> bool:
+    """Whether the current client may call `model` (no client: auth is off, so yes)."""
+    client = CLIENT.get()
+    return client is None or client.may_call(model)
+
+
 def authorize(model: str) -> None:
     """Raise PermissionDeniedError unless the current client may call `model` (no client: auth is off)."""
     client = CLIENT.get()

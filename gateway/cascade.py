@@ -377,8 +377,13 @@ class TieredModel:
         metrics: GatewayMetrics | None = None,
         cost: CostModel | None = None,
         drift: DriftWatch | None = None,
+        owned: Sequence[Tier] = (),
     ) -> None:
+        """`owned`: the tiers this version alone uses (its edge model), closed when the version retires; the
+        rest (remote tiers) are shared with the versions before and after it."""
         self.name = name
+        self._owned = list(owned)
+        self._active = 0
         self.version = version
         self.cascade = cascade
         self.drift = drift
@@ -402,10 +407,23 @@ class TieredModel:
         """The chain's tiers, in escalation order."""
         return [tier.name for tier in self.cascade.tiers]
 
+    async def retire(self, grace_s: float) -> None:
+        """Once the requests running on this version finish (at most `grace_s`), close the tiers it owns."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace_s
+        while self._active and loop.time() < until:
+            await asyncio.sleep(0.01)
+        for tier in self._owned:
+            await tier.close()
+
     async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
         started = time.perf_counter()
-        with self.metrics.inflight.labels(model=self.name).track_inprogress():
-            result = await self.cascade.infer(texts, hint, deadline)
+        self._active += 1
+        try:
+            with self.metrics.inflight.labels(model=self.name).track_inprogress():
+                result = await self.cascade.infer(texts, hint, deadline)
+        finally:
+            self._active -= 1
         seconds = time.perf_counter() - started
         if self.drift is not None:
             # The drift watch shadows rows to the last (remote) tier: it is offered what may leave, no more.

@@ -195,12 +195,13 @@ def encode_response(
     return response
 
 
-def encode_metadata(model: TieredModel) -> pb.ModelMetadataResponse:
-    """The OIP model metadata: one BYTES input of shape [-1] and the outputs, in response order."""
+def encode_metadata(model: TieredModel, versions: Sequence[str] = ()) -> pb.ModelMetadataResponse:
+    """The OIP model metadata: the versions on disk (the serving one if none are numbered), one BYTES input of
+    shape [-1] and the outputs, in response order."""
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=model.name,
-        versions=[model.version],
+        versions=[version for version in versions if version] or [model.version],
         platform=PLATFORM,
         inputs=[tensor(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[-1])],
         outputs=[tensor(name=name, datatype=datatype, shape=[-1]) for name, datatype in OUTPUTS.items()],

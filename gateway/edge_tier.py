@@ -37,6 +37,7 @@ class EdgeTier:
         self._batch_rows = (metrics or GatewayMetrics()).edge_batch_rows.labels(tier=name)
         # One worker: the ONNX session is used by one thread at a time, and requests queue in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge")
+        self._closed = False
         # With batching, rows of concurrent requests share one model call; without, each request is one call.
         self._batcher: DynamicBatcher[str, Prediction] | None = None
         if batching is not None and batching.enabled:
@@ -111,6 +112,9 @@ class EdgeTier:
         return None  # the first tier always runs
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._batcher is not None:
             await self._batcher.close()  # queued requests are answered first
         self._executor.shutdown(wait=True)

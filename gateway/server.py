@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -20,13 +21,14 @@ from gateway.drift import DriftWatch
 from gateway.edge_tier import EdgeTier
 from gateway.metrics import GatewayMetrics
 from gateway.policy import BoundaryPolicy
+from gateway.repository import ModelRepository, ModelVersions, numbered_versions
 from gateway.routing import RoutingPolicy
 from gateway.servicer import InferenceServicer, request_id_of
 from gateway.tier import Tier
 from proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from tiergate.envelope import Keyring, Sealer
 from tiergate.keys import apply_key_dir, load_keyring
-from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
+from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, ManifestError, load_manifest
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, require_tls_or_insecure
@@ -202,7 +204,33 @@ TIER_HEALTH_EVERY_S = 0.25
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 # The OIP calls each written to the audit log (liveness and readiness probes are not).
-AUDITED_METHODS = ("ModelInfer", "ModelMetadata", "ModelReady", "ServerMetadata")
+AUDITED_METHODS = (
+    "ModelInfer",
+    "ModelMetadata",
+    "ModelReady",
+    "ServerMetadata",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+)
+
+
+def first_version(root: Path, roles: Sequence[str]) -> tuple[Path, str, dict[str, str]]:
+    """The directory and version to start with: `root` itself when it is one built model (version ""), else
+    its newest numbered version that verifies; with the versions refused on the way and why."""
+    versions = numbered_versions(root)
+    if versions is None:
+        return root, "", {}
+    refused: dict[str, str] = {}
+    for number, path in reversed(versions):
+        try:
+            load_manifest(path, roles=roles)
+        except ManifestError as error:
+            refused[str(number)] = str(error)
+            logger.error("model version %d in %s refused: %s", number, root, error)
+            continue
+        return path, str(number), refused
+    raise ManifestError(f"no version in {root} verifies ({'; '.join(refused.values()) or 'no numbered versions'})")
 
 
 class GatewayServer:
@@ -229,17 +257,13 @@ class GatewayServer:
         if self.sealer is not None and from_file:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         in_process = tier_settings(settings, settings.chain[0]).kind == "edge" if settings.chain else False
-        roles = [EDGE_VARIANT_ROLES["int8"]] if in_process else []
-        manifest = load_manifest(settings.models_dir, roles=roles)
-        self.tiers = build_tiers(settings, manifest, self.sealer, self.tracing, self.metrics)
-        self._watch_hop_certificates(settings.hop_tls)
-        cascade = Cascade(
-            self.tiers,
-            routing_policy(settings, manifest),
-            tracer=self.tracing.tracer,
-            data_policy=BoundaryPolicy.from_settings(settings.policy),
-            rules=chain_rules(settings, manifest),
+        self._roles = [EDGE_VARIANT_ROLES["int8"]] if in_process else []
+        model_dir, version, refused = first_version(settings.models_dir, self._roles)
+        manifest = load_manifest(model_dir, roles=self._roles)
+        self.tiers = build_tiers(
+            dataclasses.replace(settings, models_dir=model_dir), manifest, self.sealer, self.tracing, self.metrics
         )
+        self._watch_hop_certificates(settings.hop_tls)
         # The watch compares the first tier's confident answers with the last tier's; one tier has no reference.
         self.drift = (
             DriftWatch(
@@ -253,15 +277,12 @@ class GatewayServer:
             if len(self.tiers) > 1
             else None
         )
-        model = TieredModel(
-            settings.model_name,
-            manifest.version,
-            cascade,
-            metrics=self.metrics,
-            cost=cost_model(settings),
-            drift=self.drift,
-        )
-        self.servicer = InferenceServicer([model], settings.limits)
+        owned = [self.tiers[0]] if isinstance(self.tiers[0], EdgeTier) else []
+        model = self._assemble(manifest, version or manifest.version, self.tiers, owned=owned)
+        versions = ModelVersions(settings.model_name, settings.models_dir, self._load_version, grace_s=settings.grace_s)
+        versions.start_with(model, refused)
+        self.repository = ModelRepository([versions], poll_s=settings.reload_poll_s)
+        self.servicer = InferenceServicer(self.repository, settings.limits)
         self.clients = self._client_directory(settings.auth)
         inner: list[grpc.aio.ServerInterceptor] = []
         if self.boundary.audit is not None:
@@ -282,6 +303,45 @@ class GatewayServer:
             # The public port is plaintext unless given a certificate: TLS usually ends at the balancer in front.
             credentials=server_credentials(settings.public_tls),
         )
+
+    def _assemble(self, manifest: Manifest, version: str, tiers: list[Tier], owned: Sequence[Tier] = ()) -> TieredModel:
+        """The served model of one version: its tiers under the routing that version was calibrated with."""
+        settings = self.settings
+        cascade = Cascade(
+            tiers,
+            routing_policy(settings, manifest),
+            tracer=self.tracing.tracer,
+            data_policy=BoundaryPolicy.from_settings(settings.policy),
+            rules=chain_rules(settings, manifest),
+        )
+        return TieredModel(
+            settings.model_name,
+            version,
+            cascade,
+            metrics=self.metrics,
+            cost=cost_model(settings),
+            drift=self.drift,
+            owned=owned,
+        )
+
+    async def _load_version(self, model_dir: Path, version: str) -> TieredModel:
+        """A new version, verified and loaded off the event loop; it shares the remote tiers already open."""
+        manifest = await asyncio.to_thread(load_manifest, model_dir, True, self._roles)
+        routing_policy(self.settings, manifest)  # a version whose routing cannot work is refused here
+        first = self.tiers[0]
+        if isinstance(first, EdgeTier):
+            edge = await asyncio.to_thread(
+                EdgeTier.load,
+                model_dir,
+                manifest,
+                backend=self.settings.edge_backend,
+                name=first.name,
+                tracer=self.tracing.tracer,
+                metrics=self.metrics,
+                batching=self.settings.batching,
+            )
+            return self._assemble(manifest, version or manifest.version, [edge, *self.tiers[1:]], owned=[edge])
+        return self._assemble(manifest, version or manifest.version, self.tiers)
 
     def _watch_hop_certificates(self, tls: TlsSettings) -> None:
         """Renewed hop certificates (CA, ours) take effect for new calls without a restart."""
@@ -312,6 +372,7 @@ class GatewayServer:
 
     async def start(self) -> int:
         self.boundary.start()
+        self.repository.start()
         for tier in self.tiers:
             tier.start()
         port = await self.managed.start(self.settings.host, self.settings.port)
@@ -368,5 +429,14 @@ class GatewayServer:
         await self.stop()
 
     async def _close_tiers(self) -> None:
+        await self.repository.close()
+        closed = set()
+        for version in self.repository.served():
+            if isinstance(version, TieredModel):
+                for tier in version.cascade.tiers:
+                    if id(tier) not in closed:
+                        closed.add(id(tier))
+                        await tier.close()
         for tier in self.tiers:
-            await tier.close()
+            if id(tier) not in closed:
+                await tier.close()

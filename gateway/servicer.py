@@ -9,16 +9,17 @@ from typing import Any
 
 import grpc
 
-from gateway.auth import authorize, current_client_name
+from gateway.auth import authorize, current_client_name, may_use
 from gateway.cascade import TieredModel
 from gateway.codec import decode_request, encode_metadata, encode_response
+from gateway.repository import ModelLoadError, ModelRepository, ModelVersions
 from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate import __version__
 from tiergate.admission import Admission
 from tiergate.audit import audit_detail
 from tiergate.constants import REQUEST_ID_METADATA
-from tiergate.errors import ModelNotFoundError, NotReadyError
+from tiergate.errors import InvalidInputError, ModelNotFoundError, NotReadyError
 from tiergate.logs import NO_REQUEST_ID, REQUEST_ID
 from tiergate.settings import LimitSettings
 from tiergate.telemetry import annotate_server_span
@@ -42,25 +43,39 @@ def request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Serves the tiered models over OIP v2."""
 
-    def __init__(self, models: list[TieredModel], limits: LimitSettings) -> None:
-        self._models = {model.name: model for model in models}
+    def __init__(self, repository: ModelRepository, limits: LimitSettings) -> None:
+        self.repository = repository
         self._limits = limits
         self.admission = Admission(limits.max_inflight_requests, limits.max_inflight_rows)
         self.draining = False
         # (host, port) the server is bound to, for the server span's attributes.
         self.bound: tuple[str, int] = ("", 0)
 
-    def _model(self, name: str, version: str) -> TieredModel:
+    def _versions(self, name: str) -> ModelVersions:
         audit_detail(client=current_client_name(), model=name)
         # Permission first, so a client learns nothing of the models it may not call.
         authorize(name)
-        model = self._models.get(name)
-        if model is None:
-            served = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFoundError(f"model {name!r} is not served here; available models: {served}")
+        return self.repository.versions(name)
+
+    def _model(self, name: str, version: str) -> TieredModel:
+        """The version of `name` serving now (the one asked for, if it is that one); requests keep the object
+        they get here, so a version swapped in meanwhile never changes a request already running."""
+        model = self._versions(name).current()
+        assert isinstance(model, TieredModel)
         if version and version != model.version:
-            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; available: {model.version!r}")
+            on_disk = [state.version for state in self.repository.versions(name).index()]
+            if version in on_disk:
+                raise ModelNotFoundError(
+                    f"model {name!r} version {version!r} is not loaded; version {model.version!r} serves"
+                )
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r}; available: {', '.join(on_disk) or model.version!r}"
+            )
         return model
+
+    def _ready(self, name: str) -> bool:
+        versions = self.repository.versions(name)
+        return not self.draining and not versions.unloaded and versions.serving is not None and versions.serving.ready()
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: _Context[pb.ServerLiveRequest, pb.ServerLiveResponse]
@@ -70,14 +85,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: _Context[pb.ServerReadyRequest, pb.ServerReadyResponse]
     ) -> pb.ServerReadyResponse:
-        ready = not self.draining and all(model.ready() for model in self._models.values())
+        ready = all(self._ready(name) for name in self.repository.names())
         return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: _Context[pb.ModelReadyRequest, pb.ModelReadyResponse]
     ) -> pb.ModelReadyResponse:
-        model = self._model(request.name, request.version)
-        return pb.ModelReadyResponse(ready=not self.draining and model.ready())
+        if self._versions(request.name).unloaded:
+            return pb.ModelReadyResponse(ready=False)
+        self._model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self._ready(request.name))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: _Context[pb.ServerMetadataRequest, pb.ServerMetadataResponse]
@@ -87,7 +104,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: _Context[pb.ModelMetadataRequest, pb.ModelMetadataResponse]
     ) -> pb.ModelMetadataResponse:
-        return encode_metadata(self._model(request.name, request.version))
+        model = self._model(request.name, request.version)
+        versions = [state.version for state in self.repository.versions(request.name).index()]
+        return encode_metadata(model, versions)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: _Context[pb.ModelInferRequest, pb.ModelInferResponse]
@@ -115,3 +134,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             chain=model.tier_names,
             signal=model.cascade.policy.signal,
         )
+
+    async def RepositoryIndex(
+        self,
+        request: pb.RepositoryIndexRequest,
+        context: _Context[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse],
+    ) -> pb.RepositoryIndexResponse:
+        # Only the models this client may call are listed.
+        allowed = [name for name in self.repository.names() if may_use(name)]
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=state.model, version=state.version, state=state.state.value, reason=state.reason)
+                for state in self.repository.index(ready_only=request.ready)
+                if state.model in allowed
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: _Context[pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse],
+    ) -> pb.RepositoryModelLoadResponse:
+        """Serve the newest version of the model that loads (a newer one on disk is verified and swapped in)."""
+        versions = self._versions(request.model_name)
+        try:
+            await versions.load()
+        except ModelLoadError as error:
+            raise InvalidInputError(str(error)) from None
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self,
+        request: pb.RepositoryModelUnloadRequest,
+        context: _Context[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse],
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Stop serving the model until it is loaded again: its requests get UNAVAILABLE meanwhile."""
+        self._versions(request.model_name).unload()
+        return pb.RepositoryModelUnloadResponse()

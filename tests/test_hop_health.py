@@ -31,7 +31,7 @@ async def test_the_hop_is_ready_while_the_cloud_serves_and_not_after(start_stack
     await until(lambda: not hop.ready())
     assert value(await scrape(stack.gateway.metrics_port), "tiergate_tier_ready", tier="cloud") == 0
     # The gateway itself stays ready: the edge answers (degraded) while the cloud is away.
-    assert stack.gateway.servicer._models[stack.gateway.settings.model_name].ready()
+    assert stack.gateway.repository.current(stack.gateway.settings.model_name).ready()
 
 
 async def test_a_wrong_cloud_address_is_reported_at_start(

@@ -273,6 +273,9 @@ class GatewaySettings:
     port: int = 8001
     model_name: str = MODEL_NAME
     models_dir: Path = DEFAULT_MODELS_DIR
+    # A models_dir of numbered versions (1/, 2/, ...) is checked this often for a newer one, which is verified,
+    # loaded and swapped in live; 0 checks only on a RepositoryModelLoad request.
+    reload_poll_s: float = 5.0
     # Tier names in escalation order; the first runs in-process, every later one is remote (see `tiers`).
     chain: list[str] = field(default_factory=lambda: ["edge", "cloud"])
     # Tiers other than the implied `edge` and `cloud`, or overrides of theirs: [gateway.tiers.NAME].

@@ -1,0 +1,244 @@
+"""The model repository: each served model's versions on disk, which one serves, and new versions swapped in live.
+
+A model's directory is either one built model (its `manifest.json` at the top: one fixed version), or a
+directory of numbered versions `1/`, `2/`, ... each a built model. The newest version that verifies serves.
+A watch (or `load`, on request) notices a newer version, verifies it (every file's sha256 against its manifest),
+loads it off the event loop and swaps it in at once: requests already running finish on the version they
+started with, then the old version's own resources are released. A version that fails to verify or load is
+refused with one log line and kept in the index as UNAVAILABLE with the reason; the old version keeps serving.
+
+Transport-free: the servicer turns what this says into OIP messages and status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from tiergate.errors import ModelNotFoundError, NotReadyError, TiergateError
+from tiergate.manifest import MANIFEST_NAME
+
+logger = logging.getLogger(__name__)
+
+
+class State(StrEnum):
+    """A version's state, as OIP's repository index names them."""
+
+    READY = "READY"
+    LOADING = "LOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class ModelLoadError(TiergateError):
+    """A version on disk could not be verified or loaded; the message says why."""
+
+
+class Served(Protocol):
+    """What the repository needs of a loaded model version."""
+
+    name: str
+    version: str
+
+    def ready(self) -> bool: ...
+
+    async def retire(self, grace_s: float) -> None:
+        """Wait (at most `grace_s`) for requests running on this version, then release what it alone holds."""
+        ...
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """One version of one model, as the repository index reports it."""
+
+    model: str
+    version: str
+    state: State
+    reason: str = ""
+
+
+def numbered_versions(root: Path) -> list[tuple[int, Path]] | None:
+    """`root`'s numbered version directories, oldest first; None when `root` is itself one built model."""
+    if (root / MANIFEST_NAME).is_file():
+        return None
+    if not root.is_dir():
+        raise ModelLoadError(f"model directory {root} does not exist; build one with `tiergate models build`")
+    return sorted((int(path.name), path) for path in root.iterdir() if path.is_dir() and path.name.isdigit())
+
+
+# Loads the model at a version directory as the given version (raises ModelLoadError or ManifestError).
+Loader = Callable[[Path, str], Awaitable[Served]]
+
+
+class ModelVersions:
+    """One model's versions: the one serving, the ones refused, and the loading of newer ones."""
+
+    def __init__(self, name: str, root: Path, load: Loader, *, grace_s: float = 30.0) -> None:
+        self.name = name
+        self.root = root
+        self._load = load
+        self._grace_s = grace_s
+        self.serving: Served | None = None
+        self.unloaded = False
+        self._refused: dict[str, str] = {}  # version -> reason
+        self._loading: str | None = None
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def start_with(self, model: Served, refused: dict[str, str]) -> None:
+        """Serve `model`, loaded at start-up, with the versions refused on the way there."""
+        self.serving = model
+        self._refused.update(refused)
+
+    @property
+    def versioned(self) -> bool:
+        """Whether the directory holds numbered versions (and so can gain new ones)."""
+        return numbered_versions(self.root) is not None
+
+    async def load(self, *, only_newer: bool = False) -> Served:
+        """Serve the newest version that loads (with `only_newer`, only one newer than the serving one).
+
+        A newer version that fails is refused (logged once) and the next older one is tried, down to the one
+        serving. ModelLoadError when no version can serve.
+        """
+        async with self._lock:
+            versions = numbered_versions(self.root)
+            if versions is None:
+                if self.serving is not None and only_newer:
+                    return self.serving
+                return await self._take(await self._try(self.root, ""))
+            serving = int(self.serving.version) if self.serving is not None else -1
+            for number, path in reversed(versions):
+                version = str(number)
+                if number < serving or (only_newer and number <= serving):
+                    break
+                if number == serving:
+                    self.unloaded = False
+                    assert self.serving is not None
+                    return self.serving
+                if version in self._refused:
+                    continue  # refused once; a fixed version must come back under a new number
+                try:
+                    return await self._take(await self._try(path, version))
+                except ModelLoadError:
+                    continue
+            if self.serving is not None:
+                self.unloaded = False
+                return self.serving
+            reasons = "; ".join(f"version {v}: {why}" for v, why in sorted(self._refused.items())) or "none found"
+            raise ModelLoadError(f"model {self.name!r} has no version that loads in {self.root} ({reasons})")
+
+    async def _try(self, path: Path, version: str) -> Served:
+        self._loading = version
+        try:
+            return await self._load(path, version)
+        except Exception as error:  # a broken version is refused, never served, never fatal
+            reason = str(error) or type(error).__name__
+            self._refused[version] = reason
+            logger.error("model %s version %s refused, the serving version stays: %s", self.name, version, reason)
+            raise ModelLoadError(f"model {self.name!r} version {version} does not load: {reason}") from error
+        finally:
+            self._loading = None
+
+    async def _take(self, model: Served) -> Served:
+        old, self.serving, self.unloaded = self.serving, model, False
+        if old is not None and old is not model:
+            logger.info("model %s now serves version %s (was %s)", self.name, model.version, old.version)
+            task = asyncio.ensure_future(old.retire(self._grace_s))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return model
+
+    def unload(self) -> None:
+        """Stop serving: requests get UNAVAILABLE until a load; the loaded version stays in memory."""
+        self.unloaded = True
+
+    def current(self) -> Served:
+        if self.unloaded or self.serving is None:
+            raise NotReadyError(
+                f"model {self.name!r} is unloaded; load it with RepositoryModelLoad (tritonclient: load_model)"
+            )
+        return self.serving
+
+    def index(self) -> list[VersionState]:
+        """Every version on disk (or the one built model), with its state."""
+        versions = numbered_versions(self.root)
+        on_disk = [""] if versions is None else [str(number) for number, _ in versions]
+        served = self.serving.version if self.serving is not None else None
+        states = []
+        for version in on_disk:
+            shown = served if versions is None and served is not None else version
+            if version == self._loading:
+                states.append(VersionState(self.name, shown, State.LOADING))
+            elif version in self._refused:
+                states.append(VersionState(self.name, shown, State.UNAVAILABLE, self._refused[version]))
+            elif shown == served and not self.unloaded:
+                states.append(VersionState(self.name, shown, State.READY))
+            elif shown == served:
+                states.append(VersionState(self.name, shown, State.UNAVAILABLE, "unloaded"))
+            else:
+                states.append(VersionState(self.name, shown, State.UNAVAILABLE, "not loaded: a newer version serves"))
+        return states
+
+    async def close(self) -> None:
+        for task in list(self._retiring):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class ModelRepository:
+    """Every served model by name, each with its versions; an optional watch loads newer versions as they land."""
+
+    def __init__(self, models: list[ModelVersions], *, poll_s: float = 0.0) -> None:
+        self._models = {model.name: model for model in models}
+        self._poll_s = poll_s
+        self._watch: asyncio.Task[None] | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> ModelVersions:
+        model = self._models.get(name)
+        if model is None:
+            served = ", ".join(self.names()) or "none"
+            raise ModelNotFoundError(f"model {name!r} is not served here; available models: {served}")
+        return model
+
+    def current(self, name: str) -> Served:
+        return self.versions(name).current()
+
+    def served(self) -> list[Served]:
+        """The version each model serves (unloaded ones included: they still hold their resources)."""
+        return [model.serving for model in self._models.values() if model.serving is not None]
+
+    def index(self, ready_only: bool = False) -> list[VersionState]:
+        states = [state for model in self._models.values() for state in model.index()]
+        return [state for state in states if state.state is State.READY] if ready_only else states
+
+    def start(self) -> None:
+        """Watch for newer versions every `poll_s` seconds (0: only on request)."""
+        if self._poll_s > 0 and self._watch is None:
+            self._watch = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            for model in self._models.values():
+                if model.unloaded:
+                    continue  # an operator unloaded it: only a load request brings it back
+                with contextlib.suppress(ModelLoadError):
+                    await model.load(only_newer=True)
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        for model in self._models.values():
+            await model.close()
