@@ -71,6 +71,11 @@ class EdgeTier:
         )
 
     @property
+    def closed(self) -> bool:
+        """Whether `close` ran (a retired version's edge tier is closed once its requests are done)."""
+        return self._closed
+
+    @property
     def model(self) -> EdgeModel:
         return self._model
 

@@ -103,8 +103,9 @@ class ModelVersions:
     async def load(self, *, only_newer: bool = False) -> Served:
         """Serve the newest version that loads (with `only_newer`, only one newer than the serving one).
 
-        A newer version that fails is refused (logged once) and the next older one is tried, down to the one
-        serving. ModelLoadError when no version can serve.
+        A newer version that fails is refused (logged once, and skipped from then on) and the next older one is
+        tried, down to the one serving. ModelLoadError when a version failed to load in this call (the serving
+        one, if any, serves on) or when no version can serve.
         """
         async with self._lock:
             versions = numbered_versions(self.root)
@@ -113,22 +114,22 @@ class ModelVersions:
                     return self.serving
                 return await self._take(await self._try(self.root, ""))
             serving = int(self.serving.version) if self.serving is not None else -1
+            failed: list[str] = []
             for number, path in reversed(versions):
                 version = str(number)
-                if number < serving or (only_newer and number <= serving):
-                    break
-                if number == serving:
-                    self.unloaded = False
-                    assert self.serving is not None
-                    return self.serving
+                if number <= serving:
+                    break  # never older than what serves; the serving one serves on (below)
                 if version in self._refused:
                     continue  # refused once; a fixed version must come back under a new number
                 try:
                     return await self._take(await self._try(path, version))
-                except ModelLoadError:
+                except ModelLoadError as error:
+                    failed.append(str(error))
                     continue
             if self.serving is not None:
                 self.unloaded = False
+                if failed:
+                    raise ModelLoadError(f"{'; '.join(failed)}; version {self.serving.version} keeps serving")
                 return self.serving
             reasons = "; ".join(f"version {v}: {why}" for v, why in sorted(self._refused.items())) or "none found"
             raise ModelLoadError(f"model {self.name!r} has no version that loads in {self.root} ({reasons})")
