@@ -9,12 +9,13 @@ MODELS ?= artifacts/models/$(if $(DATA),$(notdir $(patsubst %/,%,$(DATA))),defau
 DATA ?=
 PROTOS := proto/inference/grpc_service.proto proto/tiergate/cloud.proto
 
-.PHONY: help venv proto proto-check lint format test test-fast run bench models clean
+.PHONY: help venv proto proto-check lint format test test-fast test-load run bench models clean
 
 help:
 	@echo "make run    build default models if missing, start cloud + gateway on loopback, send traffic, print a summary"
 	@echo "make test   run the test suite"
 	@echo "make test-fast  the suite without the slow tests (no real builds or subprocess servers)"
+	@echo "make test-load  faults and load (cloud killed, slow cloud, overload, SIGTERM, hot reload, 3 tiers)"
 	@echo "make lint   ruff (lint and format check) and mypy"
 	@echo "make format apply ruff's fixes and formatting"
 	@echo "make proto  regenerate the gRPC stubs from proto/"
@@ -38,10 +39,14 @@ models: $(STAMP)
 	$(PY) -m app.cli models build --out $(MODELS) $(if $(DATA),--data $(DATA),)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not load"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not load"
+
+# Faults and load on servers in processes of their own, with figures (LOAD lines); about three minutes.
+test-load: $(STAMP)
+	$(PY) -m pytest -q -s -m load tests/test_load.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

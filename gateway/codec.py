@@ -86,6 +86,14 @@ def _hint(request: pb.ModelInferRequest) -> Hint:
         ) from None
 
 
+def declared_rows(request: pb.ModelInferRequest) -> int:
+    """The rows the request's first input declares (at least 1), read without decoding anything: what admission
+    counts. `decode_request` checks the declaration against the contents."""
+    if not request.inputs or not request.inputs[0].shape:
+        return 1
+    return max(1, int(request.inputs[0].shape[0]))
+
+
 def decode_request(request: pb.ModelInferRequest, limits: LimitSettings) -> TextBatch:
     """Validate an OIP request for the text model and decode its rows (model name is checked by the caller)."""
     names = [tensor.name for tensor in request.inputs]

@@ -11,7 +11,7 @@ import grpc
 
 from gateway.auth import authorize, current_client_name, may_use
 from gateway.cascade import TieredModel
-from gateway.codec import decode_request, encode_metadata, encode_response
+from gateway.codec import declared_rows, decode_request, encode_metadata, encode_response
 from gateway.repository import ModelLoadError, ModelRepository, ModelVersions
 from proto.inference import grpc_service_pb2 as pb
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -120,20 +120,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._model(request.model_name, request.model_version)
         if self.draining:
             raise NotReadyError("the gateway is shutting down; retry on another instance")
-        batch = decode_request(request, self._limits)
-        audit_detail(version=model.version, rows=len(batch.texts))
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        with self.admission.admit(len(batch.texts)):
+        # Admission before any per-row work, on the rows the request declares: refusing stays cheap under
+        # overload, so it never slows the requests admitted.
+        with self.admission.admit(declared_rows(request)):
+            batch = decode_request(request, self._limits)
+            audit_detail(version=model.version, rows=len(batch.texts))
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
             result = await model.infer(batch.texts, batch.hint, deadline)
-        return encode_response(
-            batch,
-            result,
-            model_name=model.name,
-            model_version=model.version,
-            chain=model.tier_names,
-            signal=model.cascade.policy.signal,
-        )
+            return encode_response(
+                batch,
+                result,
+                model_name=model.name,
+                model_version=model.version,
+                chain=model.tier_names,
+                signal=model.cascade.policy.signal,
+            )
 
     async def RepositoryIndex(
         self,
