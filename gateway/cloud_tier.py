@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError
 from tiergate.logs import REQUEST_ID
 from tiergate.replay import FreshnessCheck
 from tiergate.settings import BreakerSettings, ReplaySettings
+from tiergate.tasks import cancel_and_wait
 from tiergate.telemetry import timed_span
 
 logger = logging.getLogger(__name__)
@@ -295,11 +295,8 @@ class CloudTier:
             backoff = min(backoff * 2, HEALTH_RETRY_MAX_S)
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        watch, self._watch = self._watch, None
+        await cancel_and_wait(watch)
         await self._channel.close()
         for task in list(self._retiring):
             await task

@@ -10,7 +10,6 @@ are appended to a JSON-lines file that `tiergate calibrate --feedback` reads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.tier import Tier
 from tiergate.errors import TierDeadlineError, TierUnavailableError
 from tiergate.settings import DriftSettings
+from tiergate.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +170,8 @@ class DriftWatch:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="drift-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def drained(self, timeout_s: float = 10.0) -> None:
         """Wait (bounded) until every queued sample has been compared or given up on."""

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from tiergate.errors import ModelNotFoundError, NotReadyError, TiergateError
 from tiergate.manifest import MANIFEST_NAME
+from tiergate.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -236,10 +237,7 @@ class ModelRepository:
                     await model.load(only_newer=True)
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        watch, self._watch = self._watch, None
+        await cancel_and_wait(watch)
         for model in self._models.values():
             await model.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
@@ -33,6 +32,7 @@ from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, require_tls_or_insecure
 from tiergate.settings import FAILURE_POLICIES, AuthSettings, GatewaySettings, TierSettings, TlsSettings
+from tiergate.tasks import cancel_and_wait
 from tiergate.telemetry import Tracing
 from tiergate.tls import channel_credentials, channel_options, server_credentials
 from tiergate.tokens import TokenStore
@@ -410,11 +410,8 @@ class GatewayServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         self.servicer.draining = True
-        if self._tier_health is not None:
-            self._tier_health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tier_health
-            self._tier_health = None
+        health, self._tier_health = self._tier_health, None
+        await cancel_and_wait(health)
         await self.managed.stop(self.settings.grace_s if grace_s is None else grace_s)
         if self.drift is not None:
             await self.drift.stop()

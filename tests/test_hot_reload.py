@@ -44,6 +44,14 @@ def corrupt_edge_file(version: Path) -> None:
     edge_file.write_bytes(bytes(data))
 
 
+def versions_with_one(tmp_path: Path, built: Path) -> Path:
+    """A versions directory holding `built` as version 1."""
+    root = tmp_path / "versions"
+    root.mkdir()
+    add_version(root, 1, built)
+    return root
+
+
 async def start_versions(start_stack: StackFactory, root: Path, tiny_models: Path, poll_s: float) -> Stack:
     def versioned(gateway: GatewaySettings, cloud: CloudSettings) -> None:
         gateway.models_dir = root
@@ -61,9 +69,7 @@ async def index(stack: Stack) -> list[tuple[str, str, str]]:
 async def test_a_new_version_swaps_in_under_traffic_without_a_failure(
     start_stack: StackFactory, tiny_models: Path, tmp_path: Path
 ) -> None:
-    root = tmp_path / "versions"
-    root.mkdir()
-    add_version(root, 1, tiny_models)
+    root = versions_with_one(tmp_path, tiny_models)
     stack = await start_versions(start_stack, root, tiny_models, poll_s=0.1)
     seen: list[str] = []
     failures: list[str] = []
@@ -110,9 +116,7 @@ async def test_a_new_version_swaps_in_under_traffic_without_a_failure(
 async def test_broken_versions_are_refused_and_the_old_one_keeps_serving(
     start_stack: StackFactory, tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    root = tmp_path / "versions"
-    root.mkdir()
-    add_version(root, 1, tiny_models)
+    root = versions_with_one(tmp_path, tiny_models)
     stack = await start_versions(start_stack, root, tiny_models, poll_s=0.0)
     corrupt_edge_file(add_version(root, 2, tiny_models))
     not_json = add_version(root, 3, tiny_models)
@@ -143,9 +147,7 @@ def test_a_gateway_starts_on_the_newest_version_that_verifies(
 ) -> None:
     from gateway.server import first_version
 
-    root = tmp_path / "versions"
-    root.mkdir()
-    add_version(root, 1, tiny_models)
+    root = versions_with_one(tmp_path, tiny_models)
     add_version(root, 7, tiny_models)
     corrupt_edge_file(add_version(root, 12, tiny_models))
     with caplog.at_level(logging.ERROR):
@@ -184,9 +186,7 @@ class Gate:
 async def test_requests_in_flight_finish_on_the_version_they_started_with(
     start_stack: StackFactory, tiny_models: Path, tmp_path: Path
 ) -> None:
-    root = tmp_path / "versions"
-    root.mkdir()
-    add_version(root, 1, tiny_models)
+    root = versions_with_one(tmp_path, tiny_models)
     stack = await start_versions(start_stack, root, tiny_models, poll_s=0.0)
     old = stack.gateway.repository.current(MODEL_NAME)
     assert isinstance(old, TieredModel)
@@ -228,9 +228,7 @@ async def test_unload_and_load_through_unmodified_tritonclient(
 ) -> None:
     if importlib.util.find_spec("tritonclient") is None:
         pytest.skip("tritonclient is not installed")
-    root = tmp_path / "versions"
-    root.mkdir()
-    add_version(root, 1, tiny_models)
+    root = versions_with_one(tmp_path, tiny_models)
     stack = await start_versions(start_stack, root, tiny_models, poll_s=0.0)
     seen = await tritonclient(stack.target, "index", "unload", "ready")
     assert seen == [[{"name": MODEL_NAME, "version": "1", "state": "READY"}], "unloaded", False]

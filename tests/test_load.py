@@ -275,11 +275,9 @@ async def test_sigterm_under_load_completes_every_admitted_request(
 
 
 async def test_hot_reload_under_load(tiny_models: Path, keyring_path: Path, work: Path, texts: list[str]) -> None:
-    from tests.test_hot_reload import add_version, corrupt_edge_file
+    from tests.test_hot_reload import add_version, corrupt_edge_file, versions_with_one
 
-    root = work / "versions"
-    root.mkdir()
-    add_version(root, 1, tiny_models)
+    root = versions_with_one(work, tiny_models)
     up = cloud(tiny_models, keyring_path, work).start()
     gw = gateway(root, keyring_path, work, up.target, TIERGATE_GATEWAY__RELOAD_POLL_S="0.2").start()
     with running(up, gw):

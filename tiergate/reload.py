@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from tiergate.tasks import cancel_and_wait
+
 T = TypeVar("T")
 Stamp = tuple[tuple[int, int, int, int] | None, ...]
 logger = logging.getLogger(__name__)
@@ -91,10 +93,7 @@ class FileWatch(Generic[T]):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     def check(self) -> bool:
         """One poll: reload if the files changed (or a reload was triggered); True if a new value was taken."""
