@@ -121,8 +121,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.draining:
             raise NotReadyError("the gateway is shutting down; retry on another instance")
         # Admission before any per-row work, on the rows the request declares: refusing stays cheap under
-        # overload, so it never slows the requests admitted.
-        with self.admission.admit(declared_rows(request)):
+        # overload, so it never slows the requests admitted. A request over the row limit is not "at capacity":
+        # the codec says what is wrong with it (its checks stop before any per-row work).
+        declared = declared_rows(request)
+        if declared > self._limits.max_batch_rows:
+            decode_request(request, self._limits)
+        with self.admission.admit(declared):
             batch = decode_request(request, self._limits)
             audit_detail(version=model.version, rows=len(batch.texts))
             remaining = context.time_remaining()

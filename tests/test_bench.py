@@ -12,6 +12,7 @@ from app.bench import (
     OVERHEAD_TARGET,
     SEAL_HOPS,
     SEAL_TARGET,
+    SERVED_HOP,
     SETUP_ATTRIBUTE,
     Interleaved,
     SealedCall,
@@ -96,8 +97,19 @@ def test_the_sealing_section_times_both_hops_at_both_sizes_and_reports_shares(
         assert 0 < share < 1
     assert lines[6].startswith("(rt: ")
     assert lines[7].startswith("ratios: mutual TLS/plaintext rt p50 1 KiB ") and ", 64 KiB " in lines[7]
-    assert lines[8].startswith(f"target: 1 KiB share <= {SEAL_TARGET:.0%} on both hops: plaintext ")
-    assert len(lines) == 9  # no error line
+    assert lines[8].startswith("bare hop (echo, no model; the transport floor): 1 KiB share plaintext ")
+    assert len(lines) == 9  # no error line, and no served hop without a model
+
+
+def test_the_sealing_section_measures_the_hop_as_served_with_the_cloud_model(
+    tmp_path: Path, tiny_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = ["organic whole milk", "sea salt crackers", "free range eggs"]
+    assert bench_sealing_cost(tmp_path / "keys", texts, {1024: 4, 2048: 2}, warmup=1, models_dir=tiny_models)
+    lines = capsys.readouterr().out.splitlines()
+    served = [line for line in lines if line.startswith(SERVED_HOP)]
+    assert len(served) == 1 and served[0].split()[3:6] == ["1", "KiB", "4"]
+    assert lines[-1].startswith(f"target: 1 KiB share <= {SEAL_TARGET:.0%} of the hop as served ({SERVED_HOP}): ")
 
 
 def test_payloads_add_up_to_the_size_and_the_verdict_reads_without_failing_on_it() -> None:
@@ -114,8 +126,10 @@ def test_payloads_add_up_to_the_size_and_the_verdict_reads_without_failing_on_it
     assert lines[1].split() == ["plaintext", "1", "KiB", "3", "100.0", "3.0", "3.00%", "1.0", "1.0", "0.5", "0.5"]
     assert lines[4].split()[-6:-4] == ["40.0", "6.67%"]
     assert lines[-2] == "ratios: mutual TLS/plaintext rt p50 1 KiB 1.20x, 64 KiB 1.50x"
-    assert lines[-1].endswith("plaintext 3.00%, mutual TLS 2.50%; met")
+    assert lines[-1].endswith("plaintext 3.00%, mutual TLS 2.50%: <= 3%")
     calls[("mutual TLS", 1024)] = [SealedCall(50e-6, (1e-6, 1e-6, 0.5e-6, 0.5e-6))]
-    assert sealing_cost_lines(calls)[-1].endswith(
-        "mutual TLS 6.00%; NOT met (reported; a bench run does not fail on it)"
-    )
+    assert sealing_cost_lines(calls)[-1].endswith("mutual TLS 6.00%: over 3%")
+    calls[(SERVED_HOP, 1024)] = [SealedCall(2000e-6, (10e-6, 10e-6, 10e-6, 10e-6))]
+    assert sealing_cost_lines(calls)[-1].endswith(f"({SERVED_HOP}): 2.00%; met")
+    calls[(SERVED_HOP, 1024)] = [SealedCall(1000e-6, (10e-6, 10e-6, 10e-6, 10e-6))]
+    assert sealing_cost_lines(calls)[-1].endswith("4.00%; NOT met (reported; a bench run does not fail on it)")

@@ -342,7 +342,8 @@ async def test_generated_requests_get_the_codecs_status_and_the_server_stays_up(
 @pytest.mark.slow
 @pytest.mark.skipif(not FULL_RUN, reason="the 10,000-request run needs TIERGATE_FUZZ_FULL=1")
 async def test_full_fuzz_run(stack: Stack) -> None:
-    await fuzz_gateway(stack, FULL_REQUESTS)
+    codes, rss = await fuzz_gateway(stack, FULL_REQUESTS)
+    print(f"\nFUZZ requests={FULL_REQUESTS} codes={dict(sorted(codes.items()))} rss_kib={rss}")
 
 
 async def test_oversized_metadata_is_refused_as_resource_exhausted_and_the_server_stays_up(stack: Stack) -> None:
