@@ -56,6 +56,8 @@ class CascadeResult:
     degraded: bool = False
     # Per row, the text the boundary policy lets a remote tier see (redacted), or None: the row stays private.
     outbound: tuple[str | None, ...] = ()
+    # Rows answered from the response cache.
+    cache_hits: int = 0
 
     def rows_by_tier(self) -> dict[str, int]:
         """Rows answered, by the tier that answered them."""
@@ -416,7 +418,9 @@ class TieredModel:
         for tier in self._owned:
             await tier.close()
 
-    async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
+    async def infer(
+        self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None, *, use_cache: bool = True
+    ) -> CascadeResult:
         started = time.perf_counter()
         self._active += 1
         try:

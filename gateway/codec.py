@@ -13,6 +13,8 @@ from gateway.cascade import CascadeResult, TieredModel
 from gateway.routing import Hint
 from proto.inference import grpc_service_pb2 as pb
 from tiergate.constants import (
+    CACHE_HITS_PARAMETER,
+    CACHE_PARAMETER,
     CONFIDENCE_OUTPUT,
     DEGRADED_PARAMETER,
     HINT_PARAMETER,
@@ -43,6 +45,8 @@ class TextBatch:
     # Mirror the caller: raw_input_contents in, raw_output_contents out.
     raw_output: bool = False
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    # False: the caller opted out of the response cache (request parameter `cache`).
+    use_cache: bool = True
 
 
 def _split_raw_bytes(raw: bytes) -> list[bytes]:
@@ -84,6 +88,17 @@ def _hint(request: pb.ModelInferRequest) -> Hint:
         raise InvalidInputError(
             f"parameter {HINT_PARAMETER!r} must be one of {allowed}; got {parameter.string_param!r}"
         ) from None
+
+
+def _use_cache(request: pb.ModelInferRequest) -> bool:
+    if CACHE_PARAMETER not in request.parameters:
+        return True
+    parameter = request.parameters[CACHE_PARAMETER]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind != "bool_param":
+        sent = "no value" if kind is None else f"{kind} {getattr(parameter, kind)!r}"
+        raise InvalidInputError(f"parameter {CACHE_PARAMETER!r} must be a bool (false opts out); got {sent}")
+    return bool(parameter.bool_param)
 
 
 def declared_rows(request: pb.ModelInferRequest) -> int:
@@ -147,7 +162,14 @@ def decode_request(request: pb.ModelInferRequest, limits: LimitSettings) -> Text
     unknown = [name for name in outputs if name not in OUTPUTS]
     if unknown:
         raise InvalidInputError(f"unknown requested outputs {unknown}; this model has {list(OUTPUTS)}")
-    return TextBatch(texts=texts, request_id=request.id, hint=_hint(request), raw_output=raw, outputs=outputs)
+    return TextBatch(
+        texts=texts,
+        request_id=request.id,
+        hint=_hint(request),
+        raw_output=raw,
+        outputs=outputs,
+        use_cache=_use_cache(request),
+    )
 
 
 def _bytes_raw(values: Sequence[bytes]) -> bytes:
@@ -198,6 +220,7 @@ def encode_response(
     for tier in dict.fromkeys([*chain, *tiers]):
         response.parameters[f"{tier}{ROWS_PARAMETER_SUFFIX}"].int64_param = tiers.count(tier)
     response.parameters[DEGRADED_PARAMETER].bool_param = result.degraded
+    response.parameters[CACHE_HITS_PARAMETER].int64_param = result.cache_hits
     if signal:
         response.parameters[SIGNAL_NAME_PARAMETER].string_param = signal
     return response

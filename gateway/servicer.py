@@ -131,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             audit_detail(version=model.version, rows=len(batch.texts))
             remaining = context.time_remaining()
             deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-            result = await model.infer(batch.texts, batch.hint, deadline)
+            result = await model.infer(batch.texts, batch.hint, deadline, use_cache=batch.use_cache)
             return encode_response(
                 batch,
                 result,

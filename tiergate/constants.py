@@ -27,10 +27,13 @@ SIGNAL_NAME_PARAMETER: Final = "routing_signal_name"
 
 # Request parameter: the caller's routing hint (auto, edge, cloud).
 HINT_PARAMETER: Final = "tier"
+# Request parameter (bool): false opts this request out of the response cache, both reading and filling it.
+CACHE_PARAMETER: Final = "cache"
 # Response parameters.
 REASONS_PARAMETER: Final = "escalation_reasons"
 DEGRADED_PARAMETER: Final = "degraded"
 ROWS_PARAMETER_SUFFIX: Final = "_rows"  # "<tier>_rows": how many rows that tier answered
+CACHE_HITS_PARAMETER: Final = "cache_hits"  # how many rows were answered from the response cache
 
 # gRPC metadata key of the gateway's request id: read from callers, echoed back, sent on the cloud hop,
 # so one id joins logs, traces and the audit log.

@@ -83,6 +83,35 @@ class BatchingSettings:
 
 
 @dataclass
+class HopBatchingSettings:
+    """Escalated rows of concurrent requests gathered into one sealed call per remote tier (tiergate/batching.py).
+
+    Each request keeps its own deadline: one whose time runs out while its rows wait, or while the shared call
+    runs, gets its earlier answers alone; the call goes on for the others.
+    """
+
+    enabled: bool = True
+    # A shared call goes out at this many rows, or once its oldest request waited the delay.
+    max_batch_rows: int = 64
+    max_queue_delay_us: int = 500
+    # Shared calls in flight to one tier at once; the next gathers meanwhile.
+    max_inflight_calls: int = 4
+
+
+@dataclass
+class CacheSettings:
+    """The response cache (gateway/cache.py): final answers by model version, routing hint and the query as
+    shoppers type it. Off by default, as in Triton; a request opts out with the parameter `cache = false`."""
+
+    enabled: bool = False
+    # Bounded both ways: the least recently used entries go first once either bound is reached.
+    max_entries: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+    # An entry older than this is not served.
+    ttl_s: float = 300.0
+
+
+@dataclass
 class TracingSettings:
     """OpenTelemetry tracing. The standard `OTEL_*` variables override each field (as the
     `TIERGATE_*` variables override the rest of the file); with no endpoint nothing is exported."""
@@ -288,6 +317,8 @@ class GatewaySettings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    hop_batching: HopBatchingSettings = field(default_factory=HopBatchingSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     cost: CostSettings = field(default_factory=CostSettings)
