@@ -11,10 +11,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
+from gateway.cache import ResponseCache
 from gateway.cost import CostModel
 from gateway.drift import DriftWatch
 from gateway.metrics import GatewayMetrics
@@ -341,6 +342,15 @@ class Cascade:
         return remaining >= expected + self.policy.deadline_reserve_s
 
 
+# A row holding one of these did not get the tier it needed: its answer is not final, so it is never cached.
+_SHORT_REASONS = frozenset({Reason.TIER_UNAVAILABLE, Reason.DEADLINE, Reason.HEDGE_TIMEOUT, Reason.PRIVATE_DATA})
+
+
+def row_answer_bytes(answer: RowAnswer) -> int:
+    """What one cached answer costs the cache's byte bound, roughly: its strings and the object around them."""
+    return len(answer.label) + len(answer.tier) + 16 * len(answer.reasons) + 16 * len(answer.ran) + 120
+
+
 def routing_signal(answer: Prediction) -> float:
     """The value routing compares with a tier's threshold."""
     return answer.signal
@@ -380,10 +390,13 @@ class TieredModel:
         cost: CostModel | None = None,
         drift: DriftWatch | None = None,
         owned: Sequence[Tier] = (),
+        cache: ResponseCache[RowAnswer] | None = None,
     ) -> None:
         """`owned`: the tiers this version alone uses (its edge model), closed when the version retires; the
-        rest (remote tiers) are shared with the versions before and after it."""
+        rest (remote tiers) are shared with the versions before and after it. `cache`: this version's response
+        cache (each version has its own, so a new version starts empty)."""
         self.name = name
+        self.cache = cache
         self._owned = list(owned)
         self._active = 0
         self.version = version
@@ -403,6 +416,47 @@ class TieredModel:
 
     def ready(self) -> bool:
         return self.cascade.ready()
+
+    async def _infer_cached(
+        self, cache: ResponseCache[RowAnswer], texts: Sequence[str], hint: Hint, deadline: float | None
+    ) -> CascadeResult:
+        """Rows found in `cache` are answered from it; the rest run the cascade, and its final answers are kept.
+
+        Final: answered by the tier the row needed. A row that fell short (a failed or out-of-time tier, a
+        hedge cut short) is not kept, nor is a row in which the boundary policy found personal data: such text
+        is not held in memory beyond its request.
+        """
+        key = self.cascade.policy.effective_hint(hint).value
+        found = cache.lookup(self.version, key, texts)
+        misses = [index for index, answer in enumerate(found) if answer is None]
+        hits = len(texts) - len(misses)
+        if hits:
+            self.metrics.cache_lookups.labels(model=self.name, result="hit").inc(hits)
+        if misses:
+            self.metrics.cache_lookups.labels(model=self.name, result="miss").inc(len(misses))
+        if not misses:
+            answers = [answer for answer in found if answer is not None]
+            return CascadeResult(rows=answers, outbound=(None,) * len(texts), cache_hits=hits)
+        computed = await self.cascade.infer([texts[index] for index in misses], hint, deadline)
+        final = [
+            (texts[index], row)
+            for index, row, outbound in zip(misses, computed.rows, computed.outbound, strict=True)
+            if outbound == texts[index] and not _SHORT_REASONS.intersection(row.reasons)
+        ]
+        if final:
+            # A cached answer runs no tier when it is served again: it costs nothing then.
+            cache.store(self.version, key, [text for text, _ in final], [replace(row, ran=()) for _, row in final])
+        stats = cache.stats()
+        self.metrics.cache_entries.labels(model=self.name).set(stats.entries)
+        self.metrics.cache_bytes.labels(model=self.name).set(stats.bytes)
+        if not hits:
+            return computed
+        rows = list(found)
+        outbound: list[str | None] = [None] * len(texts)  # cached rows are not offered to the drift watch
+        for index, row, text in zip(misses, computed.rows, computed.outbound, strict=True):
+            rows[index], outbound[index] = row, text
+        merged = [row for row in rows if row is not None]
+        return CascadeResult(rows=merged, degraded=computed.degraded, outbound=tuple(outbound), cache_hits=hits)
 
     @property
     def tier_names(self) -> list[str]:
@@ -425,7 +479,10 @@ class TieredModel:
         self._active += 1
         try:
             with self.metrics.inflight.labels(model=self.name).track_inprogress():
-                result = await self.cascade.infer(texts, hint, deadline)
+                if self.cache is not None and use_cache:
+                    result = await self._infer_cached(self.cache, texts, hint, deadline)
+                else:
+                    result = await self.cascade.infer(texts, hint, deadline)
         finally:
             self._active -= 1
         seconds = time.perf_counter() - started
@@ -465,6 +522,7 @@ class TieredModel:
                     "tiergate.model_version": self.version,
                     "tiergate.rows": len(result.rows),
                     "tiergate.degraded": result.degraded,
+                    "tiergate.cache_hits": result.cache_hits,
                     "tiergate.cost.spent": cost.spent,
                     "tiergate.cost.cloud_only": cost.cloud_only,
                     "tiergate.cost.saved": cost.net_saved,

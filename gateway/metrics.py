@@ -76,6 +76,18 @@ class GatewayMetrics:
         self.edge_batch_rows = Histogram(
             "tiergate_edge_batch_rows", "Rows per edge model call.", ["tier"], buckets=ROW_BUCKETS, registry=r
         )
+        self.cache_lookups = Counter(
+            "tiergate_cache_lookups_total",
+            "Rows looked up in the response cache, by model and result (hit or miss).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "tiergate_cache_entries", "Answers held in the response cache, by model.", ["model"], registry=r
+        )
+        self.cache_bytes = Gauge(
+            "tiergate_cache_bytes", "Bytes the response cache accounts for, by model.", ["model"], registry=r
+        )
         self.cost_spent = Counter(
             "tiergate_cost_spent_total",
             "What the tiers' work cost, in the configured currency (label), by model.",

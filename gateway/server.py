@@ -13,7 +13,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from gateway.auth import AuthInterceptor
-from gateway.cascade import Cascade, ChainRules, TieredModel
+from gateway.cache import ResponseCache
+from gateway.cascade import Cascade, ChainRules, RowAnswer, TieredModel, row_answer_bytes
 from gateway.cloud_tier import CloudTier
 from gateway.cost import CostModel
 from gateway.drift import DriftWatch
@@ -31,7 +32,14 @@ from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, ManifestError, load_
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, require_tls_or_insecure
-from tiergate.settings import FAILURE_POLICIES, AuthSettings, GatewaySettings, TierSettings, TlsSettings
+from tiergate.settings import (
+    FAILURE_POLICIES,
+    AuthSettings,
+    CacheSettings,
+    GatewaySettings,
+    TierSettings,
+    TlsSettings,
+)
 from tiergate.tasks import cancel_and_wait
 from tiergate.telemetry import Tracing
 from tiergate.tls import channel_credentials, channel_options, server_credentials
@@ -93,6 +101,15 @@ def chain_rules(settings: GatewaySettings, manifest: Manifest) -> ChainRules:
         fail_closed=routing.failure_policy == "fail_closed",
         hedge_band=routing.hedge_band,
         hedge_wait_s=routing.hedge_wait_s,
+    )
+
+
+def response_cache(settings: CacheSettings) -> ResponseCache[RowAnswer] | None:
+    """A fresh response cache for one model version, or None when caching is off."""
+    if not settings.enabled:
+        return None
+    return ResponseCache(
+        max_entries=settings.max_entries, max_bytes=settings.max_bytes, ttl_s=settings.ttl_s, size_of=row_answer_bytes
     )
 
 
@@ -322,6 +339,7 @@ class GatewayServer:
             cost=cost_model(settings),
             drift=self.drift,
             owned=owned,
+            cache=response_cache(settings.cache),
         )
 
     async def _load_version(self, model_dir: Path, version: str) -> TieredModel:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import grpc
 import pytest
 
 from gateway.cache import ResponseCache, normalise
+from proto.inference import grpc_service_pb2 as pb
+from tests.conftest import StackFactory
+from tests.test_gateway import infer_request, rows, sure_and_unsure  # noqa: F401  (a fixture)
+from tests.test_hot_reload import add_version, versions_with_one
+from tests.test_metrics import scrape, value
+from tiergate.constants import CACHE_HITS_PARAMETER, CACHE_PARAMETER, MODEL_NAME
+from tiergate.settings import CacheSettings, CloudSettings, GatewaySettings
 
 
 class Clock:
@@ -87,3 +97,100 @@ def test_entries_expire_after_the_ttl() -> None:
 def test_bounds_are_checked() -> None:
     with pytest.raises(ValueError, match="max_entries"):
         cache(max_entries=0)
+
+
+# --- The cache on a real gateway: hits, opt-out, what is never kept, metrics, and a new version starting empty.
+
+
+def _cached(gateway: GatewaySettings, cloud: CloudSettings) -> None:
+    gateway.cache = CacheSettings(enabled=True, max_entries=1000, max_bytes=1 << 20, ttl_s=60.0)
+
+
+def _answers(reply: pb.ModelInferResponse) -> list[tuple[str, str, str]]:
+    return [(label, tier, reason) for label, _, tier, reason in rows(reply)]
+
+
+async def test_a_query_typed_another_way_is_answered_from_the_cache(
+    start_stack: StackFactory, sure_and_unsure: tuple[str, str, float]
+) -> None:
+    sure, unsure, threshold = sure_and_unsure
+    stack = await start_stack(configure=_cached, threshold=threshold)
+    first = await stack.stub.ModelInfer(infer_request([sure, unsure]), timeout=10.0)
+    assert first.parameters[CACHE_HITS_PARAMETER].int64_param == 0
+    assert [tier for _, tier, _ in _answers(first)] == ["edge", "cloud"]
+    # The same queries as a shopper might type them, with a new one between: two hits, answers unchanged.
+    retyped = [f"  {unsure.upper()}!! ", "a query never seen before", sure.title()]
+    second = await stack.stub.ModelInfer(infer_request(retyped), timeout=10.0)
+    assert second.parameters[CACHE_HITS_PARAMETER].int64_param == 2
+    got = _answers(second)
+    assert [got[2], got[0]] == _answers(first), "each cached row keeps its tier and reasons, in request order"
+    assert second.parameters["cloud_rows"].int64_param == 1
+    assert second.parameters["edge_rows"].int64_param == 2  # the cached edge answer and the new row
+    metrics = await scrape(stack.gateway.metrics_port)
+    assert value(metrics, "tiergate_cache_lookups_total", model=MODEL_NAME, result="hit") == 2
+    assert value(metrics, "tiergate_cache_lookups_total", model=MODEL_NAME, result="miss") == 3
+    assert value(metrics, "tiergate_cache_entries", model=MODEL_NAME) == 3
+    # The hint is part of the key: the cloud's answer for `sure` was never asked for, so it is not a hit.
+    hinted = await stack.stub.ModelInfer(infer_request([sure], tier="cloud"), timeout=10.0)
+    assert hinted.parameters[CACHE_HITS_PARAMETER].int64_param == 0
+    assert _answers(hinted)[0][1] == "cloud"
+
+
+async def test_a_request_can_opt_out_and_a_wrong_opt_out_says_what_to_send(
+    start_stack: StackFactory, sure_and_unsure: tuple[str, str, float]
+) -> None:
+    sure, _, threshold = sure_and_unsure
+    stack = await start_stack(configure=_cached, threshold=threshold)
+    opted_out = infer_request([sure])
+    opted_out.parameters[CACHE_PARAMETER].bool_param = False
+    for _ in range(2):  # neither read nor filled
+        reply = await stack.stub.ModelInfer(opted_out, timeout=10.0)
+        assert reply.parameters[CACHE_HITS_PARAMETER].int64_param == 0
+    reply = await stack.stub.ModelInfer(infer_request([sure]), timeout=10.0)
+    assert reply.parameters[CACHE_HITS_PARAMETER].int64_param == 0, "an opted-out request filled the cache"
+    wrong = infer_request([sure], cache="no")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.stub.ModelInfer(wrong, timeout=10.0)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "parameter 'cache' must be a bool (false opts out); got string_param 'no'"
+
+
+async def test_degraded_and_private_rows_are_never_cached(
+    start_stack: StackFactory, sure_and_unsure: tuple[str, str, float]
+) -> None:
+    _, unsure, threshold = sure_and_unsure
+    stack = await start_stack(configure=_cached, threshold=threshold)
+    assert stack.cloud is not None
+    await stack.cloud.stop(0)
+    for _ in range(2):  # the cloud is down: the edge answers, degraded, and nothing is kept
+        reply = await stack.stub.ModelInfer(infer_request([unsure]), timeout=10.0)
+        assert reply.parameters["degraded"].bool_param is True
+        assert reply.parameters[CACHE_HITS_PARAMETER].int64_param == 0
+    private = f"{unsure} call me on 020 7946 0958"
+    for _ in range(2):  # personal data is redacted before the hop, and its text is not held in the cache
+        reply = await stack.stub.ModelInfer(infer_request([private], tier="edge"), timeout=10.0)
+        assert reply.parameters[CACHE_HITS_PARAMETER].int64_param == 0
+    metrics = await scrape(stack.gateway.metrics_port)
+    assert value(metrics, "tiergate_cache_entries", model=MODEL_NAME) == 0
+
+
+async def test_a_new_model_version_starts_with_an_empty_cache(
+    start_stack: StackFactory, tiny_models: Path, tmp_path: Path, sure_and_unsure: tuple[str, str, float]
+) -> None:
+    sure, _, _ = sure_and_unsure
+    root = versions_with_one(tmp_path, tiny_models)
+
+    def versioned_and_cached(gateway: GatewaySettings, cloud: CloudSettings) -> None:
+        _cached(gateway, cloud)
+        gateway.models_dir = root
+        gateway.reload_poll_s = 0.0
+        cloud.models_dir = tiny_models
+
+    stack = await start_stack(configure=versioned_and_cached)
+    await stack.stub.ModelInfer(infer_request([sure]), timeout=10.0)
+    again = await stack.stub.ModelInfer(infer_request([sure]), timeout=10.0)
+    assert (again.model_version, again.parameters[CACHE_HITS_PARAMETER].int64_param) == ("1", 1)
+    add_version(root, 2, tiny_models)
+    await stack.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=MODEL_NAME), timeout=30.0)
+    after = await stack.stub.ModelInfer(infer_request([sure]), timeout=10.0)
+    assert (after.model_version, after.parameters[CACHE_HITS_PARAMETER].int64_param) == ("2", 0)
