@@ -229,6 +229,31 @@ def _models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_publish(args: argparse.Namespace) -> int:
+    from tiergate.model_store import StoreError, publish
+
+    try:
+        published = publish(args.model_dir, args.store, args.version)
+    except StoreError as error:
+        return _key_error(error)
+    print(
+        f"published model set {published.model_version} as version {published.version} "
+        f"({published.files} files, verified) at {published.location}"
+    )
+    return 0
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from tiergate.model_store import StoreError, fetch
+
+    try:
+        target = fetch(args.store, args.versions_dir, args.version)
+    except StoreError as error:
+        return _key_error(error)
+    print(f"version {target.name} of {args.store} is in {target}, every file verified against its manifest")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate, calibrate_from_feedback
 
@@ -386,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    models = commands.add_parser("models", help="build model sets").add_subparsers(dest="action", required=True)
+    models = commands.add_parser("models", help="build, publish and fetch model sets").add_subparsers(
+        dest="action", required=True
+    )
     build = models.add_parser("build", help="train, export, quantize and calibrate the edge and cloud models")
     build.add_argument(
         "--data", type=Path, default=None, help="instacart-products directory (default: generated demo data)"
@@ -403,6 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
     alt.add_argument("--layers", type=int, default=2, help="MiniLM layers the student keeps")
     alt.add_argument("--epochs", type=int, default=1)
     alt.set_defaults(handler=_models_alternatives)
+    publish = models.add_parser(
+        "publish", help="verify a built model set and add it to a store as its next numbered version"
+    )
+    publish.add_argument("model_dir", type=Path, help="a built model set (a directory with manifest.json)")
+    publish.add_argument("store", help="a directory or URL (s3://..., gs://... with s3fs / gcsfs installed)")
+    publish.add_argument("--version", type=int, default=None, help="the version number (default: the next)")
+    publish.set_defaults(handler=_models_publish)
+    fetch = models.add_parser(
+        "fetch", help="copy a version of a store into a versions directory, verified before it appears there"
+    )
+    fetch.add_argument("store", help="a directory or URL written by `tiergate models publish`")
+    fetch.add_argument("versions_dir", type=Path, help="the directory `serve --models` reads (numbered versions)")
+    fetch.add_argument("--version", type=int, default=None, help="the version to fetch (default: the newest)")
+    fetch.set_defaults(handler=_models_fetch)
 
     cal = commands.add_parser("calibrate", help="pick the escalation threshold on validation data")
     cal.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
