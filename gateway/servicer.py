@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from tiergate.audit import audit_detail
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.errors import InvalidInputError, ModelNotFoundError, NotReadyError
 from tiergate.logs import NO_REQUEST_ID, REQUEST_ID
+from tiergate.rpc import answer_each
 from tiergate.settings import LimitSettings
 from tiergate.telemetry import annotate_server_span
 
@@ -30,6 +32,12 @@ SERVER_NAME = "tiergate"
 _Context = grpc.aio.ServicerContext
 # A caller's request id is kept when it is short and plain; anything else gets a fresh one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _stream_refusal(code: grpc.StatusCode, message: str) -> pb.ModelStreamInferResponse:
+    # tritonclient raises InferenceServerException(msg=error_message), with no status of its own: the code
+    # leads the text, as in the unary status ("INVALID_ARGUMENT: ...").
+    return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
 
 
 def request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -108,15 +116,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         versions = [state.version for state in self.repository.versions(request.name).index()]
         return encode_metadata(model, versions)
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: _Context[pb.ModelInferRequest, pb.ModelInferResponse]
-    ) -> pb.ModelInferResponse:
+    def _name_call(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The call's request id (the audit interceptor's, else the caller's or a new one), sent back as
+        trailing metadata and put on the server span."""
         request_id = REQUEST_ID.get()
         if request_id == NO_REQUEST_ID:  # not audited: no interceptor named this call
             request_id = request_id_of(context)
             REQUEST_ID.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
         annotate_server_span(context, *self.bound).set_attribute("tiergate.request_id", request_id)
+        return request_id
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: _Context[pb.ModelInferRequest, pb.ModelInferResponse]
+    ) -> pb.ModelInferResponse:
+        self._name_call(context)
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: _Context[pb.ModelInferRequest, pb.ModelStreamInferResponse],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request is answered as ModelInfer would answer it, in order; one that fails gets its status in
+        `error_message` ("CODE: message") and the stream goes on. The stream's request id is the trailing
+        metadata; each request's own is `<stream id>.<n>` in logs, the audit log and the cloud's records."""
+        self._name_call(context)
+
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+
+        async for response in answer_each(request_iterator, answer, _stream_refusal):
+            yield response
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInferResponse:
+        """One inference request, whether unary or one message of a stream: permission, admission, the
+        caller's deadline (the stream's, for a stream), the tiered model and the response."""
         model = self._model(request.model_name, request.model_version)
         if self.draining:
             raise NotReadyError("the gateway is shutting down; retry on another instance")
