@@ -7,6 +7,9 @@ STAMP := $(VENV)/.tiergate-installed
 MODELS ?= artifacts/models/$(if $(DATA),$(notdir $(patsubst %/,%,$(DATA))),default)
 # Point `make run` at a real catalogue: make run DATA=path/to/instacart-products
 DATA ?=
+# `make bench PEERS=0`: the performance section without the peer servers (KServe, MLServer; their venvs are
+# kept under build/bench-peers).
+PEERS ?= 1
 PROTOS := proto/inference/grpc_service.proto proto/tiergate/cloud.proto
 
 .PHONY: help venv proto proto-check lint format test test-fast test-load run bench models clean
@@ -61,7 +64,7 @@ run: $(STAMP)
 	$(PY) -m app.cli demo --models $(MODELS) $(if $(DATA),--data $(DATA),)
 
 bench: $(STAMP)
-	$(PY) -m app.cli bench --models $(MODELS) $(if $(DATA),--data $(DATA),)
+	$(PY) -m app.cli bench --models $(MODELS) $(if $(DATA),--data $(DATA),) $(if $(filter 0,$(PEERS)),--no-peers,)
 
 clean:
 	rm -rf $(VENV) artifacts reports .pytest_cache

@@ -1,5 +1,6 @@
 """`make bench`: edge INT8 vs FP32 vs cloud latency and size, per-tier latency through real servers, what tracing
-costs the fast path, then what sealing costs the gateway->cloud hop (plaintext and mutual TLS), in one run."""
+costs the fast path, what sealing costs the gateway->cloud hop (plaintext and mutual TLS), grey-band hedging, and
+the performance section (app/bench_perf.py: the floor, the fast path, the peers, cascade, cache, RSS), in one run."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import grpc
 import onnxruntime
 from cryptography.hazmat.backends.openssl import backend as cryptography_backend
 
+from app.bench_perf import PerfOptions, bench_performance
 from app.demo import LocalStack, bearer, ensure_keys, ensure_models, send_traffic, single_row_request
 from app.otlp_sink import OtlpSink, ReceivedSpan
 from cloud_runtime.model import CloudModel
@@ -44,15 +46,22 @@ def _size_mb(path: Path) -> float:
 
 
 # The sections `make bench` runs, in order; `--skip` leaves some out.
-SECTIONS = ("tracing", "sealing", "hedging")
+SECTIONS = ("tracing", "sealing", "hedging", "performance")
 
 
 def run_bench(
-    models_dir: Path, data_dir: Path | None, keys_dir: Path, requests: int, calls: int, skip: Sequence[str] = ()
+    models_dir: Path,
+    data_dir: Path | None,
+    keys_dir: Path,
+    requests: int,
+    calls: int,
+    skip: Sequence[str] = (),
+    perf: PerfOptions | None = None,
 ) -> int:
-    """Models, then end to end; then tracing's and sealing's costs unless `skip` names them."""
+    """Models, then end to end; then each of `SECTIONS` that `skip` does not name (`perf` bounds the last)."""
     from training.data import heldout_examples
 
+    began = time.perf_counter()
     ensure_models(models_dir, data_dir)
     manifest = load_manifest(models_dir)
     texts = [text for text, _ in heldout_examples(models_dir, data_dir)]
@@ -126,7 +135,10 @@ def run_bench(
     sealing_calls = {small: max(50, requests // 2), large: max(20, requests // 5)}
     sealed_ok = "sealing" in skip or bench_sealing_cost(keys_dir, texts, sealing_calls, models_dir=models_dir)
     hedged_ok = "hedging" in skip or _bench_hedging(models_dir, data_dir, keys_dir, requests)
-    return 0 if not report.errors and not hinted.errors and traced_ok and sealed_ok and hedged_ok else 1
+    perf_ok = "performance" in skip or bench_performance(models_dir, data_dir, keys_dir, perf or PerfOptions())
+    print(f"bench: {time.perf_counter() - began:.0f} s in all (skipped: {', '.join(skip) or 'none'})")
+    ok = not report.errors and not hinted.errors and traced_ok and sealed_ok and hedged_ok and perf_ok
+    return 0 if ok else 1
 
 
 def _bench_hedging(models_dir: Path, data_dir: Path | None, keys_dir: Path, requests: int) -> bool:

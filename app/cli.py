@@ -301,9 +301,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from app.bench import run_bench
+    from app.bench_perf import PerfOptions
 
-    skip = [name for name in (args.skip or "").split(",") if name]
-    return run_bench(args.models, args.data, args.keys, requests=args.requests, calls=args.calls, skip=skip)
+    perf = PerfOptions(
+        seconds=args.perf_seconds, peers=not args.no_peers, build_dir=args.build_dir, json_path=args.json
+    )
+    return run_bench(
+        args.models, args.data, args.keys, requests=args.requests, calls=args.calls, skip=args.skip, perf=perf
+    )
+
+
+def _bench_sections(value: str) -> list[str]:
+    """`--skip`: comma-separated names of the bench's sections."""
+    from app.bench import SECTIONS
+
+    names = [name for name in value.split(",") if name]
+    if unknown := sorted(set(names) - set(SECTIONS)):
+        raise argparse.ArgumentTypeError(
+            f"unknown sections {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}"
+        )
+    return names
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -526,7 +543,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=2000, help="end-to-end requests")
     bench.add_argument("--calls", type=int, default=1000, help="timed batch-1 calls per model")
     bench.add_argument(
-        "--skip", default=None, help="comma-separated sections to leave out: tracing (3 stacks at once), sealing"
+        "--skip",
+        type=_bench_sections,
+        default=[],
+        help="comma-separated sections to leave out: tracing (3 stacks at once), sealing, hedging, performance",
+    )
+    bench.add_argument(
+        "--no-peers", action="store_true", help="performance section without the peers (KServe, MLServer)"
+    )
+    bench.add_argument(
+        "--build-dir", type=Path, default=Path("build"), help="where the peers' venvs are installed and kept"
+    )
+    bench.add_argument(
+        "--json", type=Path, default=Path("reports/bench.json"), help="the performance section's results as JSON"
+    )
+    bench.add_argument(
+        "--perf-seconds",
+        type=float,
+        default=3.0,
+        help="timed seconds of each concurrent run of the performance section",
     )
     bench.set_defaults(handler=_bench)
     return parser
