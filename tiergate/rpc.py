@@ -1,4 +1,4 @@
-"""gRPC plumbing both servers share: status table, error interceptor, health, reflection and lifecycle."""
+"""gRPC plumbing both servers share: status table, error and audit interceptors, per-message streams, lifecycle."""
 
 from __future__ import annotations
 
