@@ -8,7 +8,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,12 +20,13 @@ from gateway.breaker import CircuitBreaker, State
 from gateway.metrics import GatewayMetrics
 from gateway.tier import Prediction
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
+from tiergate.batching import DynamicBatcher
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError
 from tiergate.logs import REQUEST_ID
 from tiergate.replay import FreshnessCheck
-from tiergate.settings import BreakerSettings, ReplaySettings
+from tiergate.settings import BreakerSettings, HopBatchingSettings, ReplaySettings
 from tiergate.tasks import cancel_and_wait
 from tiergate.telemetry import timed_span
 
@@ -63,6 +65,16 @@ _RECONNECT_OPTIONS: list[tuple[str, Any]] = [
     # Not grpc.min_reconnect_backoff_ms: gRPC also takes it as the connect timeout, and a short one
     # would never let a distant (high-latency) cloud finish its handshake.
 ]
+# One long-lived channel: pings find a dead connection (a balancer or NAT that dropped it silently) before a
+# request does, and keep idle connections open through middleboxes that drop them after a few minutes.
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # At most two pings until data is sent again: a server that still has gRPC's default ping policy (pings
+    # further apart than 5 minutes, two strikes) never answers GOAWAY too_many_pings, whatever its settings.
+    ("grpc.http2.max_pings_without_data", 2),
+]
 # The service name the cloud's health reports on (one per registered service).
 CLOUD_SERVICE = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
 # Between two attempts to watch the hop's health (doubling up to the max).
@@ -75,6 +87,33 @@ LATENCY_MIN_SAMPLES = 20
 MIN_CALL_BUDGET_S = 0.005
 # Sealed calls of one chunked escalation in flight at once.
 CHUNKS_IN_FLIGHT = 2
+# Most gateway request ids named on the seal span of a shared call.
+MAX_NAMED_REQUESTS = 32
+# Status codes that may come from the rows themselves (the model failed on one, or refused it): a shared call
+# failing so is rerun request by request. Any other failure (down, overloaded, too slow) is every request's.
+_ROW_FAULT_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INVALID_ARGUMENT})
+
+
+class _RowsRefused(TierUnavailableError):
+    """The cloud failed on the rows of a call (a status its rows may have caused)."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Caller:
+    """One `predict` call's share of a shared hop call: until when it waits, and who it is."""
+
+    # loop.time() at which it stops waiting: its deadline less the reserve, or the tier timeout from its start.
+    expires: float
+    # Whether the caller's deadline, not the tier timeout, set `expires` (running out then is not the tier's fault).
+    caller_bound: bool
+    request_id: str
+    queued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    text: str
+    caller: _Caller
 
 
 class CloudTier:
@@ -99,9 +138,11 @@ class CloudTier:
         breaker: BreakerSettings | None = None,
         deadline_reserve_s: float = 0.02,
         chunk_rows: int = 64,
+        batching: HopBatchingSettings | None = None,
     ) -> None:
         """`replay.skew_s` is the freshness window for responses (default `ReplaySettings()`), measured on
-        `clock`."""
+        `clock`. `batching` (None or disabled: one sealed call per request, or per chunk of a large one) gathers
+        the rows of concurrent requests into shared sealed calls."""
         self.name = name
         self._sealer = sealer
         self._model_name = model_name
@@ -116,6 +157,7 @@ class CloudTier:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             *_RECONNECT_OPTIONS,
+            *KEEPALIVE_OPTIONS,
             *channel_options,
         ]
         # `credentials`: mutual TLS under the sealed envelopes (a balancer that ends TLS sees ciphertext only).
@@ -129,6 +171,17 @@ class CloudTier:
         if chunk_rows < 1:
             raise ValueError(f"hop_chunk_rows must be at least 1, got {chunk_rows}")
         self._chunk_rows = chunk_rows
+        # Rows of concurrent requests share a sealed call, never larger than a chunk; larger requests go chunked.
+        self._batcher: DynamicBatcher[_Row, Prediction] | None = None
+        if batching is not None and batching.enabled:
+            self._batcher = DynamicBatcher(
+                self._run_shared,
+                max_rows=min(batching.max_batch_rows, chunk_rows),
+                max_delay_s=batching.max_queue_delay_us / 1e6,
+                max_inflight=batching.max_inflight_calls,
+                rerun_alone=lambda error: isinstance(error, _RowsRefused),
+                name=f"the {name} tier's hop batcher",
+            )
         # Recent successful call latencies: what deadline-aware escalation measures a caller's time left against.
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.breaker = CircuitBreaker(breaker or BreakerSettings(), on_change=self._breaker_moved)
@@ -178,15 +231,23 @@ class CloudTier:
         if not self.breaker.allow():
             # Open: answer from the earlier tier at once rather than wait on a hop that keeps failing.
             raise TierUnavailableError(f"the {self.name} tier's circuit is open; earlier tiers answer")
-        started = time.monotonic()
+        # The half-open probe goes alone: its one outcome is what the breaker waits for.
+        if self._batcher is not None and len(texts) <= self._batcher.max_rows and self.breaker.state is State.CLOSED:
+            return await self._shared(texts, timeout)
+        started = asyncio.get_running_loop().time()
+        chunked = len(texts) > self._chunk_rows
+        work = self._call_in_chunks(texts, deadline) if chunked else self._call(texts, timeout)
+        return await self._recorded(work, caller_bound=timeout < self._timeout_s, started=started)
+
+    async def _recorded(
+        self, work: Awaitable[list[Prediction]], *, caller_bound: bool, started: float
+    ) -> list[Prediction]:
+        """`work`, one hop call (or one chunked escalation) as the breaker and the latency window count it."""
         try:
-            if len(texts) <= self._chunk_rows:
-                predictions = await self._call(texts, timeout)
-            else:
-                predictions = await self._call_in_chunks(texts, deadline)
+            predictions = await work
         except TierDeadlineError:
             # Slow against its own timeout is the tier's fault; against a caller's tighter deadline it is not.
-            self.breaker.record(timeout < self._timeout_s)
+            self.breaker.record(caller_bound)
             raise
         except TierUnavailableError:
             self.breaker.record(False)
@@ -195,8 +256,33 @@ class CloudTier:
             self.breaker.record(True)  # cancelled by the caller: says nothing about the tier
             raise
         self.breaker.record(True)
-        self._latencies.append(time.monotonic() - started)
+        self._latencies.append(asyncio.get_running_loop().time() - started)
         return predictions
+
+    async def _shared(self, texts: Sequence[str], timeout: float) -> list[Prediction]:
+        """`texts` in a sealed call shared with concurrent requests; this caller waits `timeout` and no longer,
+        while the call goes on for the others."""
+        assert self._batcher is not None
+        now = asyncio.get_running_loop().time()
+        caller = _Caller(now + timeout, timeout < self._timeout_s, REQUEST_ID.get(), now)
+        try:
+            return await asyncio.wait_for(
+                self._batcher.submit([_Row(text, caller) for text in texts], caller.expires), timeout
+            )
+        except TimeoutError:
+            raise TierDeadlineError(f"cloud tier did not answer within {timeout:.3f}s") from None
+
+    async def _run_shared(self, rows: list[_Row]) -> list[Prediction]:
+        """One sealed call for the rows the batcher gathered: its timeout is the latest its callers wait."""
+        callers = list(dict.fromkeys(row.caller for row in rows))
+        latest = max(callers, key=lambda caller: caller.expires)
+        timeout = latest.expires - asyncio.get_running_loop().time()
+        if timeout < MIN_CALL_BUDGET_S:
+            raise TierDeadlineError("no time left in the callers' deadlines to reach the cloud tier")
+        work = self._call([row.text for row in rows], timeout, [caller.request_id for caller in callers])
+        # The latency a caller sees: from the first one queued to the answer.
+        started = min(caller.queued_at for caller in callers)
+        return await self._recorded(work, caller_bound=latest.caller_bound, started=started)
 
     async def _call_in_chunks(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
         """A large escalation as sealed calls of at most `chunk_rows` rows, CHUNKS_IN_FLIGHT at a time, answers
@@ -219,18 +305,33 @@ class CloudTier:
                     call.exception()  # retrieved: one failure is reported once, by gather
         return [prediction for chunk in answers for prediction in chunk]
 
-    async def _call(self, texts: Sequence[str], timeout: float) -> list[Prediction]:
+    async def _call(
+        self, texts: Sequence[str], timeout: float, request_ids: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """One sealed call; `request_ids`: the gateway requests whose rows it carries (default: the current)."""
         hop_id = uuid.uuid4().hex
+        ids = list(request_ids) if request_ids else [REQUEST_ID.get()]
         # The gateway's request id rides sealed too, so one id joins both tiers' logs; the clear metadata stays
-        # for tracing and for the cloud's records of envelopes it cannot open.
-        gateway_request_id = REQUEST_ID.get()
+        # for tracing and for the cloud's records of envelopes it cannot open. A shared call carries the first
+        # request's id; the others are named on its seal span and in the log.
+        gateway_request_id = ids[0]
+        if len(ids) > 1:
+            logger.debug("hop call %s carries %d rows of %d requests: %s", hop_id, len(texts), len(ids), ids)
+        self._metrics.hop_call_rows.labels(tier=self.name).observe(len(texts))
+        self._metrics.hop_call_requests.labels(tier=self.name).observe(len(ids))
         plain = cloud_pb2.CloudInferRequest(
             model_name=self._model_name, texts=list(texts), gateway_request_id=gateway_request_id
         )
         with timed_span(self._tracer, "tiergate.seal", {"tiergate.tier": self.name}) as span:
             envelope = self._sealer.seal(plain, request_id=hop_id, direction="request")
             span.set_attributes(
-                {"tiergate.envelope.bytes": envelope.ByteSize(), "tiergate.envelope.key_id": envelope.key_id}
+                {
+                    "tiergate.envelope.bytes": envelope.ByteSize(),
+                    "tiergate.envelope.key_id": envelope.key_id,
+                    "tiergate.hop.rows": len(texts),
+                    "tiergate.hop.requests": len(ids),
+                    "tiergate.hop.request_ids": ids[:MAX_NAMED_REQUESTS],
+                }
             )
         try:
             reply = await self._stub.Infer(
@@ -242,7 +343,8 @@ class CloudTier:
                 raise TierDeadlineError(f"cloud tier did not answer within {timeout:.3f}s") from None
             # The cloud's own words (e.g. "envelope sealed with unknown key id ...") hold no secret; keep them.
             details = (error.details() or "")[:200]
-            raise TierUnavailableError(f"cloud tier failed with {error.code().name}: {details}") from None
+            failed = _RowsRefused if error.code() in _ROW_FAULT_CODES else TierUnavailableError
+            raise failed(f"cloud tier failed with {error.code().name}: {details}") from None
         try:
             with timed_span(self._tracer, "tiergate.open", {"tiergate.tier": self.name}) as span:
                 span.set_attribute("tiergate.envelope.bytes", reply.ByteSize())
@@ -295,6 +397,8 @@ class CloudTier:
             backoff = min(backoff * 2, HEALTH_RETRY_MAX_S)
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()  # the requests queued are answered first
         watch, self._watch = self._watch, None
         await cancel_and_wait(watch)
         await self._channel.close()

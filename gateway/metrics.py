@@ -76,6 +76,20 @@ class GatewayMetrics:
         self.edge_batch_rows = Histogram(
             "tiergate_edge_batch_rows", "Rows per edge model call.", ["tier"], buckets=ROW_BUCKETS, registry=r
         )
+        self.hop_call_rows = Histogram(
+            "tiergate_hop_call_rows",
+            "Rows per sealed call to a remote tier (a shared call holds the rows of several requests).",
+            ["tier"],
+            buckets=ROW_BUCKETS,
+            registry=r,
+        )
+        self.hop_call_requests = Histogram(
+            "tiergate_hop_call_requests",
+            "Gateway requests whose rows one sealed call to a remote tier carries.",
+            ["tier"],
+            buckets=ROW_BUCKETS,
+            registry=r,
+        )
         self.cache_lookups = Counter(
             "tiergate_cache_lookups_total",
             "Rows looked up in the response cache, by model and result (hit or miss).",

@@ -210,6 +210,7 @@ def build_tiers(
                 breaker=settings.breaker,
                 deadline_reserve_s=settings.routing.deadline_reserve_s,
                 chunk_rows=settings.limits.hop_chunk_rows,
+                batching=settings.hop_batching,
             )
         )
     return tiers

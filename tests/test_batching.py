@@ -4,6 +4,7 @@ callers that go away, and a shutdown that drains the queue."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,136 @@ async def test_the_gateway_batches_concurrent_requests_at_the_edge_and_each_gets
     calls = value(samples, "tiergate_edge_batch_rows_count", tier="edge")
     rows = value(samples, "tiergate_edge_batch_rows_sum", tier="edge")
     assert rows == len(texts) and calls < len(texts) / 4, f"{calls:.0f} model calls for {len(texts)} requests"
+
+
+class Gate:
+    """A model whose batches wait on an event; records the most batches that ran at once."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.running = 0
+        self.most = 0
+        self.batches: list[list[int]] = []
+
+    async def run(self, rows: list[int]) -> list[int]:
+        self.batches.append(list(rows))
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return [row * 2 for row in rows]
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(200):  # bounded polling, up to about 2 s
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+async def test_up_to_max_inflight_batches_run_at_once_and_the_next_gathers_meanwhile() -> None:
+    model = Gate()
+    batcher = DynamicBatcher(model.run, max_rows=2, max_delay_s=0.0, max_inflight=3)
+    requests = [asyncio.ensure_future(batcher.submit([n])) for n in range(10)]
+    await wait_until(lambda: batcher.inflight == 3, "three batches run")
+    await asyncio.sleep(0.05)  # the bound holds while they run
+    assert model.running == 3 and batcher.inflight == 3
+    assert batcher.queued_rows == 10 - 3 * 2, "rows past the in-flight bound wait in the queue"
+    model.release.set()
+    assert await asyncio.gather(*requests) == [[n * 2] for n in range(10)]
+    assert model.most == 3
+    assert all(len(batch) <= 2 for batch in model.batches)
+    await batcher.close()
+
+
+async def test_one_batch_in_flight_by_default() -> None:
+    model = Gate()
+    batcher = DynamicBatcher(model.run, max_rows=1, max_delay_s=0.0)
+    requests = [asyncio.ensure_future(batcher.submit([n])) for n in range(3)]
+    await wait_until(lambda: batcher.inflight == 1, "a batch runs")
+    await asyncio.sleep(0.05)
+    assert model.running == 1 and batcher.queued_rows == 2
+    model.release.set()
+    assert await asyncio.gather(*requests) == [[0], [2], [4]]
+    assert model.most == 1
+    await batcher.close()
+
+
+async def test_batches_in_flight_keep_each_requests_rows_in_order_and_fail_alone() -> None:
+    model = Model(delay_s=0.02)
+    batcher = DynamicBatcher(model.run, max_rows=6, max_delay_s=0.001, max_inflight=4)
+    requests = [[start, start + 1, start + 2] for start in range(0, 60, 3)]
+    requests[7] = [21, -1, 23]
+    answers = await asyncio.gather(*(batcher.submit(rows) for rows in requests), return_exceptions=True)
+    assert isinstance(answers[7], ValueError)
+    assert [a for i, a in enumerate(answers) if i != 7] == [[r * 2 for r in rows] for rows in requests if rows[1] >= 0]
+    await batcher.close()
+
+
+async def test_a_deadline_passing_while_every_slot_is_busy_fails_that_request_alone() -> None:
+    model = Gate()
+    batcher = DynamicBatcher(model.run, max_rows=1, max_delay_s=0.0, max_inflight=2)
+    loop = asyncio.get_running_loop()
+    busy = [asyncio.ensure_future(batcher.submit([n])) for n in range(2)]
+    await wait_until(lambda: batcher.inflight == 2, "both slots are busy")
+    late = asyncio.ensure_future(batcher.submit([7], deadline=loop.time() + 0.05))
+    await asyncio.sleep(0.1)
+    model.release.set()
+    with pytest.raises(TierDeadlineError, match="waited for a batch"):
+        await late
+    assert await asyncio.gather(*busy) == [[0], [2]]
+    assert [7] not in model.batches
+    await batcher.close()
+
+
+async def test_a_batch_whose_every_request_went_away_is_cancelled_and_frees_its_slot() -> None:
+    model = Gate()
+    batcher = DynamicBatcher(model.run, max_rows=4, max_delay_s=0.0, max_inflight=1)
+    callers = [asyncio.ensure_future(batcher.submit([n])) for n in range(2)]
+    await wait_until(lambda: model.running == 1, "the batch runs")
+    callers[0].cancel()
+    await asyncio.sleep(0.02)
+    assert model.running == 1, "the batch went on while one of its requests still waited"
+    callers[1].cancel()
+    await wait_until(lambda: model.running == 0 and batcher.inflight == 0, "the abandoned batch is cancelled")
+    model.release.set()
+    assert await batcher.submit([5]) == [10], "the slot was not freed"
+    await batcher.close()
+
+
+async def test_a_failure_that_is_not_the_rows_fault_is_not_rerun() -> None:
+    calls: list[list[int]] = []
+
+    async def down(rows: list[int]) -> list[int]:
+        calls.append(rows)
+        raise ConnectionError("the tier is down")
+
+    batcher = DynamicBatcher(
+        down, max_rows=8, max_delay_s=0.01, rerun_alone=lambda error: not isinstance(error, ConnectionError)
+    )
+    answers = await asyncio.gather(*(batcher.submit([n]) for n in range(4)), return_exceptions=True)
+    assert all(isinstance(answer, ConnectionError) for answer in answers)
+    assert len(calls) == 1, "a failure every request shares was rerun request by request"
+    await batcher.close()
+
+
+async def test_close_waits_for_every_batch_in_flight() -> None:
+    model = Model(delay_s=0.05)
+    batcher = DynamicBatcher(model.run, max_rows=1, max_delay_s=0.0, max_inflight=3)
+    requests = [asyncio.ensure_future(batcher.submit([n])) for n in range(6)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert batcher.inflight == 0 and batcher.queued_rows == 0
+    assert all(request.done() for request in requests)
+    assert [request.result() for request in requests] == [[n * 2] for n in range(6)]
+
+
+def test_max_inflight_is_checked() -> None:
+    async def run(rows: list[int]) -> list[int]:
+        return rows
+
+    with pytest.raises(ValueError, match="max_inflight"):
+        DynamicBatcher(run, max_rows=8, max_delay_s=0.0, max_inflight=0)
