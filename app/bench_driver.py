@@ -80,11 +80,32 @@ def parse_run(spec: str) -> Run:
     raise argparse.ArgumentTypeError(f"a run is sequential, concurrent-C or batch-B, got {spec!r}")
 
 
+def parse_pid(spec: str) -> tuple[str, int]:
+    """`NAME=PID`: the server process behind target NAME, whose CPU time each run reads."""
+    name, _, pid = spec.partition("=")
+    if not name or not pid.isdigit():
+        raise argparse.ArgumentTypeError(f"a pid is NAME=PID, got {spec!r}")
+    return name, int(pid)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process and all its threads so far (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app.bench_driver", description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=Path, required=True, help="UTF-8 file, one text per line")
     parser.add_argument("--target", type=parse_target, action="append", required=True, dest="targets")
     parser.add_argument("--run", type=parse_run, action="append", required=True, dest="runs")
+    parser.add_argument(
+        "--pid", type=parse_pid, action="append", default=[], dest="pids", help="NAME=PID: report its CPU per call"
+    )
     parser.add_argument("--calls", type=int, default=1000, help="timed calls of a sequential run (at most)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds of a run (at most)")
     parser.add_argument("--warmup", type=int, default=50, help="untimed calls before each run (times callers)")
@@ -138,7 +159,7 @@ class TextStream:
 
 
 async def measure(
-    client: Any, target: Target, run: Run, stream: TextStream, args: argparse.Namespace
+    client: Any, target: Target, run: Run, stream: TextStream, args: argparse.Namespace, pid: int | None = None
 ) -> dict[str, Any]:
     """One run against one target: warm-up (prefixed texts, never the timed ones), then the timed calls."""
     import numpy as np
@@ -190,9 +211,14 @@ async def measure(
                 rows_answered += outcome[1]
                 hits.append(outcome[2])
 
+    cpu_before = cpu_seconds(pid) if pid is not None else None
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(run.concurrency)))
     wall_s = time.perf_counter() - started
+    cpu_after = cpu_seconds(pid) if pid is not None else None
+    cpu_us = None
+    if cpu_before is not None and cpu_after is not None and latencies:
+        cpu_us = (cpu_after - cpu_before) * 1e6 / len(latencies)
     measured: dict[str, Any] = {
         "target": target.name,
         "run": run.mode,
@@ -202,6 +228,8 @@ async def measure(
         "errors": dict(errors),
         "wall_s": wall_s,
         "cache_hits": sum(hits),
+        # The server process's CPU time (all threads) per answered call, when its pid was given.
+        "server_cpu_us_per_call": cpu_us,
         # Whether the timed calls ran past the end of the text file, so some texts came twice.
         "cycled": (len(latencies) + 1) * run.batch > len(stream),
         **summarise(latencies, rows_answered, wall_s),
@@ -228,7 +256,8 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
             for turn in range(len(args.targets)):
                 target = args.targets[(index + turn) % len(args.targets)]
                 stream.rewind(start)
-                results.append(await measure(clients[target.name], target, run, stream, args))
+                pid = dict(args.pids).get(target.name)
+                results.append(await measure(clients[target.name], target, run, stream, args, pid))
             stream.rewind(max(r["calls"] for r in results[-len(args.targets) :]) * run.batch + start)
     finally:
         for client in clients.values():

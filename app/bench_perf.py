@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from app.bench_driver import BATCH_CONCURRENCY
 from app.bench_peers import PEERS, Peer, PeerServer, ensure_installed
 from app.bench_relay import DelayRelay
 from app.demo import ServerProcess, ensure_keys, hop_credentials, wait_serving
@@ -126,8 +127,10 @@ def run_driver(
     calls: int | None = None,
     seconds: float | None = None,
     env: Mapping[str, str] | None = None,
+    pids: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run app/bench_driver.py over `targets` (name -> HOST:PORT[?params]) and return what it printed."""
+    """Run app/bench_driver.py over `targets` (name -> HOST:PORT[?params]) and return what it printed; `pids`
+    (name -> server process) get their CPU per call read."""
     seconds = options.seconds if seconds is None else seconds
     with tempfile.TemporaryDirectory(prefix="tiergate-bench-") as work:
         path = Path(work) / "texts.txt"
@@ -135,6 +138,7 @@ def run_driver(
         command = [sys.executable, "-m", "app.bench_driver", "--texts", str(path)]
         command += [f"--target={name}={address}" for name, address in targets.items()]
         command += [f"--run={run}" for run in runs]
+        command += [f"--pid={name}={pid}" for name, pid in (pids or {}).items()]
         command += ["--calls", str(calls or options.calls), "--seconds", str(seconds), "--warmup", str(options.warmup)]
         # Bounded: every run stops at its time, so the whole drive cannot take much longer than this.
         budget = len(targets) * len(runs) * (seconds + 30.0) + 60.0
@@ -170,6 +174,8 @@ def server_row(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "rows_per_s_b32": figure("batch-32", "rows_per_s"),
         "p50_ms_16": figure("concurrent-16", "p50_ms"),
         "p50_ms_64": figure("concurrent-64", "p50_ms"),
+        "cpu_us_1": figure("sequential", "server_cpu_us_per_call"),
+        "cpu_us_64": figure("concurrent-64", "server_cpu_us_per_call"),
         "cache_hits": sum(int(run.get("cache_hits", 0)) for run in runs.values()),
         "cycled": any(run.get("cycled") for run in runs.values()),
         "errors": {code: n for run in runs.values() for code, n in run.get("errors", {}).items()},
@@ -259,9 +265,8 @@ def gateway_process(models_dir: Path, env: Mapping[str, str], args: Sequence[str
 
 def start_peers(
     options: PerfOptions, results: PerfResults, stack: list[PeerServer], report: Callable[[str], None]
-) -> dict[str, str]:
-    """Install (or reuse) and start each peer; one that cannot is reported and left out. Name -> target."""
-    targets: dict[str, str] = {}
+) -> None:
+    """Install (or reuse) and start each peer onto `stack`; one that cannot is reported and left out."""
     for peer in PEERS:
         started = time.perf_counter()
         python, how = ensure_installed(options.build_dir, peer, timeout_s=options.install_timeout_s)
@@ -277,12 +282,10 @@ def start_peers(
             report(f"peer {peer.title} ({peer.requirement}): did not start ({error}); left out\n{server.log_tail()}")
             continue
         stack.append(server)
-        targets[peer_label(peer)] = server.target
         report(
             f"peer {peer.title} ({peer.requirement}, venv under {options.build_dir}/bench-peers/{peer.name}): {how}, "
             f"serving on {server.target} after {time.perf_counter() - started:.1f} s"
         )
-    return targets
 
 
 def peer_label(peer: Peer) -> str:
@@ -300,10 +303,16 @@ def bench_servers(
             gateway_process(models_dir, {}) as batched,
             gateway_process(models_dir, BATCHING_OFF) as unbatched,
         ):
-            targets = {BARE: bare.target, GATEWAY: batched.target, GATEWAY_UNBATCHED: unbatched.target}
             if options.peers:
-                targets.update(start_peers(options, results, peers, report))
-            driven = run_driver(texts, targets, SERVER_RUNS, options)
+                start_peers(options, results, peers, report)
+            processes = {BARE: bare.process, GATEWAY: batched.process, GATEWAY_UNBATCHED: unbatched.process}
+            targets = {BARE: bare.target, GATEWAY: batched.target, GATEWAY_UNBATCHED: unbatched.target}
+            for peer in peers:
+                assert peer.process is not None
+                processes[peer_label(peer.peer)] = peer.process
+                targets[peer_label(peer.peer)] = peer.target
+            pids = {name: process.pid for name, process in processes.items()}
+            driven = run_driver(texts, targets, SERVER_RUNS, options, pids=pids)
             results.rss_mb["gateway edge-only, batching on"] = peak_rss_mb(batched.process.pid)
             results.rss_mb["gateway edge-only, batching off"] = peak_rss_mb(unbatched.process.pid)
         results.setup["client"] = driven["client"]
@@ -455,18 +464,24 @@ def performance_lines(results: PerfResults) -> list[str]:
     the cache, RSS, then the targets and whether each is met."""
     lines = [
         f"{'server':<32}{'p50 ms':>8}{'p99 ms':>8}{'req/s@1':>9}{'req/s@16':>10}{'req/s@64':>10}{'rows/s b32':>12}"
-        f"{'p50/bare':>10}{'@16/bare':>10}{'@64/bare':>10}{'b32/bare':>10}"
+        f"{'cpu us@1':>10}{'cpu us@64':>10}{'p50/bare':>10}{'@16/bare':>10}{'@64/bare':>10}{'b32/bare':>10}"
     ]
     bare = results.servers.get(BARE, {})
     for name, row in results.servers.items():
         lines.append(
             f"{name:<32}{_cell(row['p50_ms'], 8, 3)}{_cell(row['p99_ms'], 8, 3)}{_cell(row['req_per_s_1'], 9)}"
             f"{_cell(row['req_per_s_16'], 10)}{_cell(row['req_per_s_64'], 10)}{_cell(row['rows_per_s_b32'], 12)}"
+            f"{_cell(row.get('cpu_us_1'), 10)}{_cell(row.get('cpu_us_64'), 10)}"
             f"{_times(_ratio(row['p50_ms'], bare.get('p50_ms')), 10)}"
             f"{_times(_ratio(row['req_per_s_16'], bare.get('req_per_s_16')), 10)}"
             f"{_times(_ratio(row['req_per_s_64'], bare.get('req_per_s_64')), 10)}"
             f"{_times(_ratio(row['rows_per_s_b32'], bare.get('rows_per_s_b32')), 10)}"
         )
+    lines.append(
+        "(p50/p99: sequential single-row calls; req/s@C: C concurrent callers; rows/s b32: batch-32 calls from "
+        f"{BATCH_CONCURRENCY} callers; cpu us: the server process's CPU time, all threads, per call, sequential "
+        "and at 64)"
+    )
     noted = [
         f"{name}: {row['errors']}"
         for name, row in [*results.servers.items(), *results.cascade.items()]

@@ -134,3 +134,225 @@ def test_payloads_add_up_to_the_size_and_the_verdict_reads_without_failing_on_it
     assert sealing_cost_lines(calls)[-1].endswith("plain + model 1.00%, mTLS + model 2.00%; met")
     calls[(SERVED_HOPS[1], 1024)] = [SealedCall(1000e-6, (10e-6, 10e-6, 10e-6, 10e-6))]
     assert sealing_cost_lines(calls)[-1].endswith("4.00%; NOT met (reported; a bench run does not fail on it)")
+
+
+# The performance section: its driver (unmodified tritonclient in a process of its own), the bare floor, the
+# relay that models a distant cloud, the Zipf replay, and the table, targets and JSON it reports.
+
+
+def test_the_zipf_replay_is_seeded_and_favours_the_first_names() -> None:
+    from collections import Counter
+
+    from app.bench_perf import zipf_replay
+
+    names = [f"name {i}" for i in range(500)]
+    replay = zipf_replay(names, 4000, exponent=1.0, seed=3)
+    assert replay == zipf_replay(names, 4000, exponent=1.0, seed=3)
+    assert len(replay) == 4000 and set(replay) <= set(names)
+    counts = Counter(replay)
+    # Rank 1 weighs twice rank 2 and ten times rank 10 under s = 1 (within sampling noise).
+    assert counts["name 0"] > counts["name 1"] > counts["name 9"]
+    assert 1.5 < counts["name 0"] / counts["name 1"] < 2.7
+    with pytest.raises(ValueError, match="at least one name"):
+        zipf_replay([], 10)
+
+
+def test_the_driver_reads_targets_runs_and_pids_and_refuses_malformed_ones() -> None:
+    import argparse
+
+    from app.bench_driver import BATCH_CONCURRENCY, Run, Target, parse_pid, parse_run, parse_target
+
+    assert parse_target("gw=127.0.0.1:8001") == Target("gw", "127.0.0.1:8001")
+    assert parse_target("cloud-only (tier cloud)=127.0.0.1:9?tier=cloud&x=1") == Target(
+        "cloud-only (tier cloud)", "127.0.0.1:9", {"tier": "cloud", "x": "1"}
+    )
+    assert parse_run("sequential") == Run("sequential", 1, 1)
+    assert parse_run("concurrent-64") == Run("concurrent-64", 64, 1)
+    assert parse_run("batch-32") == Run("batch-32", BATCH_CONCURRENCY, 32)
+    assert parse_pid("gw=123") == ("gw", 123)
+    for bad, parse in (
+        ("127.0.0.1:8001", parse_target),
+        ("gw=nowhere", parse_target),
+        ("gw=127.0.0.1:1?tier", parse_target),
+        ("concurrent-0", parse_run),
+        ("burst-3", parse_run),
+        ("gw=x", parse_pid),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
+
+
+def test_the_canned_answer_has_the_gateways_outputs_one_row_each_raw_or_typed() -> None:
+    import struct
+
+    from app.bench_bare import CANNED_LABEL, canned_response
+
+    raw = canned_response(3, raw=True)
+    assert [(o.name, o.datatype, list(o.shape)) for o in raw.outputs] == [
+        ("label", "BYTES", [3]),
+        ("confidence", "FP32", [3]),
+        ("tier", "BYTES", [3]),
+        ("routing_signal", "FP32", [3]),
+    ]
+    assert raw.raw_output_contents[0] == (struct.pack("<I", len(CANNED_LABEL)) + CANNED_LABEL) * 3
+    assert len(raw.raw_output_contents[1]) == 3 * 4
+    typed = canned_response(2, raw=False)
+    assert not typed.raw_output_contents
+    assert list(typed.outputs[0].contents.bytes_contents) == [CANNED_LABEL] * 2
+
+
+def test_the_driver_measures_the_bare_floor_with_unmodified_tritonclient(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tritonclient") is None:
+        pytest.skip("tritonclient is not installed")
+    from app.bench_perf import BareServer, PerfOptions, by_target, run_driver, server_row
+
+    bare = BareServer()
+    try:
+        options = PerfOptions(calls=40, seconds=0.3, warmup=2)
+        texts = [f"organic whole milk {i}" for i in range(100)]
+        driven = run_driver(
+            texts,
+            {"a": bare.target, "b": f"{bare.target}?tier=edge"},
+            ["sequential", "concurrent-4", "batch-8"],
+            options,
+            pids={"a": bare.process.pid},
+        )
+    finally:
+        bare.stop()
+    assert driven["client"] == "tritonclient.grpc.aio 2.73.0" and driven["texts"] == 100
+    runs = by_target(driven)
+    assert set(runs) == {"a", "b"} and set(runs["a"]) == {"sequential", "concurrent-4", "batch-8"}
+    sequential = runs["a"]["sequential"]
+    assert sequential["calls"] == 40 and not sequential["errors"] and not sequential["cycled"]
+    assert len(sequential["latencies_ms"]) == len(sequential["hits"]) == 40 and sequential["cache_hits"] == 0
+    assert 0 < sequential["p50_ms"] <= sequential["p99_ms"]
+    assert (
+        sequential["server_cpu_us_per_call"] is not None and runs["b"]["sequential"]["server_cpu_us_per_call"] is None
+    )
+    batch = runs["b"]["batch-8"]
+    assert batch["batch"] == 8 and batch["rows_per_s"] == pytest.approx(8 * batch["req_per_s"])
+    assert "latencies_ms" not in batch  # per-call lists only for sequential runs
+    row = server_row(runs["a"])
+    assert row["p50_ms"] == sequential["p50_ms"] and row["req_per_s_16"] is None and row["errors"] == {}
+
+
+def test_the_relay_adds_its_delay_each_way_to_a_round_trip() -> None:
+    import asyncio
+    import time
+
+    from app.bench_relay import DelayRelay
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def round_trips(port: int) -> list[float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            times.append(time.perf_counter() - started)
+        writer.close()
+        return times
+
+    async def main() -> tuple[list[float], list[float]]:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        direct = await round_trips(port)
+        with DelayRelay(port, 0.015) as relay:
+            relayed = await round_trips(relay.port)
+        server.close()
+        return direct, relayed
+
+    direct, relayed = asyncio.run(main())
+    assert min(relayed) >= 0.030 > max(direct)
+
+
+def _perf_results() -> object:
+    from app.bench_perf import BARE, CASCADE, CLOUD_ONLY, GATEWAY, GATEWAY_UNBATCHED, PerfResults
+
+    def row(p50: float, r16: float, r64: float, b32: float) -> dict[str, object]:
+        return {
+            "p50_ms": p50,
+            "p99_ms": p50 * 2,
+            "req_per_s_1": 1000 / p50,
+            "req_per_s_16": r16,
+            "req_per_s_64": r64,
+            "rows_per_s_b32": b32,
+            "cpu_us_1": 300.0,
+            "cpu_us_64": 250.0,
+            "errors": {},
+        }
+
+    results = PerfResults()
+    results.servers = {
+        BARE: row(0.5, 4000, 3800, 100_000),
+        GATEWAY: row(0.6, 2000, 3000, 40_000),
+        GATEWAY_UNBATCHED: row(0.6, 1500, 1000, 30_000),
+        "KServe ModelServer 0.21.0": row(0.7, 1000, 1000, 50_000),
+    }
+    results.peers = {"kserve": "cached", "mlserver": "install failed, exit 1 (log: x)"}
+    results.cascade = {
+        CASCADE: {"calls": 100, "mean_ms": 5.0, "p50_ms": 1.0, "p99_ms": 30.0, "errors": {}},
+        CLOUD_ONLY: {"calls": 50, "mean_ms": 25.0, "p50_ms": 25.0, "p99_ms": 30.0, "errors": {}},
+    }
+    results.cache = {
+        "requests": 100,
+        "distinct": 40,
+        "universe": 500,
+        "exponent": 1.0,
+        "hit_rate": 0.6,
+        "possible_hit_rate": 0.6,
+        "hit_p50_ms": 0.4,
+        "miss_p50_ms": 1.0,
+    }
+    results.rss_mb = {"gateway edge-only": 120.0, "gateway with cloud tier": 130.0}
+    return results
+
+
+def test_the_targets_take_their_ratios_from_the_run_and_say_what_was_not_measured() -> None:
+    from app.bench_perf import PerfResults, performance_targets
+
+    results = _perf_results()
+    assert isinstance(results, PerfResults)
+    verdicts = {t.name: (None if t.value is None else round(t.value, 3), t.met) for t in performance_targets(results)}
+    assert verdicts["gateway/KServe ModelServer p50"] == (0.857, True)
+    assert verdicts["gateway/KServe ModelServer req/s at 16"] == (2.0, True)
+    assert verdicts["gateway/KServe ModelServer rows/s at batch 32"] == (0.8, False)
+    assert verdicts["beats Seldon MLServer"] == (None, None)
+    assert verdicts["gateway fast-path p50 / bare p50"] == (1.2, True)
+    assert verdicts["req/s at 64, batching on / off"] == (3.0, True)
+    assert verdicts["cascade mean / cloud-only mean, 20 ms hop"] == (0.2, True)
+    assert verdicts["cache hit p50 / miss p50"] == (0.4, True)
+    assert verdicts["gateway peak RSS"] == (130.0, True)
+    results.servers.clear()  # nothing measured: the ratios are missing, not zero, and nothing fails
+    missing = [t for t in performance_targets(results) if t.name.startswith(("beats", "gateway fast-path", "req/s"))]
+    assert [(t.value, t.met) for t in missing] == [(None, None)] * 4
+
+
+def test_the_table_shows_ratios_to_the_bare_floor_and_the_json_is_strict() -> None:
+    import json
+
+    from app.bench_perf import PerfResults, performance_lines, results_json
+
+    results = _perf_results()
+    assert isinstance(results, PerfResults)
+    lines = performance_lines(results)
+    assert lines[0].split()[:3] == ["server", "p50", "ms"]
+    gateway = next(line for line in lines if line.startswith("gateway edge, batching on"))
+    assert gateway.split()[-4:] == ["1.20x", "0.50x", "0.79x", "0.40x"]
+    assert gateway.split()[-6:-4] == ["300", "250"]
+    assert any(line.startswith("cache, Zipf replay (s=1) of 100 requests over 500 names") for line in lines)
+    assert any("hit rate 60.0% (at most 60.0%); p50 hit 0.400 ms, miss 1.000 ms" in line for line in lines)
+    targets = lines[lines.index("targets (ratios from this run; a bench run does not fail on them):") + 1 :]
+    assert any(line.split()[-2:] == ["NOT", "met"] and "rows/s at batch 32" in line for line in targets)
+    assert any(line.endswith("not measured") and "MLServer" in line for line in targets)
+    written = json.loads(json.dumps(results_json(results), allow_nan=False))
+    assert written["peers"]["mlserver"].startswith("install failed")
+    assert {t["name"] for t in written["targets"]} >= {"gateway peak RSS", "cache hit p50 / miss p50"}
