@@ -14,7 +14,7 @@ from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Keyring, Sealer
 from tiergate.keys import apply_key_dir, load_keyring
-from tiergate.manifest import CLOUD_ROLES, load_manifest
+from tiergate.manifest import CLOUD_ROLES, load_manifest, newest_verified
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, serving_credentials
@@ -53,8 +53,11 @@ class CloudServer:
         self.sealer = Sealer(keyring if keyring is not None else load_keyring(settings.keyring_path))
         if keyring is None:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
-        manifest = load_manifest(settings.models_dir, roles=CLOUD_ROLES)
-        model = CloudModel.load(settings.models_dir, manifest, intra_op_threads=settings.intra_op_threads)
+        # One built set, or a directory of numbered versions (as `tiergate models fetch` fills): its newest
+        # version that verifies.
+        model_dir, _, _ = newest_verified(settings.models_dir, CLOUD_ROLES)
+        manifest = load_manifest(model_dir, roles=CLOUD_ROLES)
+        model = CloudModel.load(model_dir, manifest, intra_op_threads=settings.intra_op_threads)
         self.servicer = CloudInferenceServicer(
             model,
             self.sealer,

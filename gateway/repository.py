@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from tiergate.errors import ModelNotFoundError, NotReadyError, TiergateError
-from tiergate.manifest import MANIFEST_NAME
+from tiergate.manifest import ManifestError
+from tiergate.manifest import numbered_versions as manifest_versions
 from tiergate.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,10 @@ class VersionState:
 
 def numbered_versions(root: Path) -> list[tuple[int, Path]] | None:
     """`root`'s numbered version directories, oldest first; None when `root` is itself one built model."""
-    if (root / MANIFEST_NAME).is_file():
-        return None
-    if not root.is_dir():
-        raise ModelLoadError(f"model directory {root} does not exist; build one with `tiergate models build`")
-    return sorted((int(path.name), path) for path in root.iterdir() if path.is_dir() and path.name.isdigit())
+    try:
+        return manifest_versions(root)
+    except ManifestError as error:
+        raise ModelLoadError(str(error)) from None
 
 
 # Loads the model at a version directory as the given version (raises ModelLoadError or ManifestError).

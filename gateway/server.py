@@ -21,14 +21,14 @@ from gateway.drift import DriftWatch
 from gateway.edge_tier import EdgeTier
 from gateway.metrics import GatewayMetrics
 from gateway.policy import BoundaryPolicy
-from gateway.repository import ModelRepository, ModelVersions, numbered_versions
+from gateway.repository import ModelRepository, ModelVersions
 from gateway.routing import RoutingPolicy
 from gateway.servicer import InferenceServicer, request_id_of
 from gateway.tier import Tier
 from proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from tiergate.envelope import Keyring, Sealer
 from tiergate.keys import apply_key_dir, load_keyring
-from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, ManifestError, load_manifest
+from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest, newest_verified
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, require_tls_or_insecure
@@ -224,6 +224,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 # The OIP calls each written to the audit log (liveness and readiness probes are not).
 AUDITED_METHODS = (
     "ModelInfer",
+    "ModelStreamInfer",  # one line per streamed request
     "ModelMetadata",
     "ModelReady",
     "ServerMetadata",
@@ -234,21 +235,8 @@ AUDITED_METHODS = (
 
 
 def first_version(root: Path, roles: Sequence[str]) -> tuple[Path, str, dict[str, str]]:
-    """The directory and version to start with: `root` itself when it is one built model (version ""), else
-    its newest numbered version that verifies; with the versions refused on the way and why."""
-    versions = numbered_versions(root)
-    if versions is None:
-        return root, "", {}
-    refused: dict[str, str] = {}
-    for number, path in reversed(versions):
-        try:
-            load_manifest(path, roles=roles)
-        except ManifestError as error:
-            refused[str(number)] = str(error)
-            logger.error("model version %d in %s refused: %s", number, root, error)
-            continue
-        return path, str(number), refused
-    raise ManifestError(f"no version in {root} verifies ({'; '.join(refused.values()) or 'no numbered versions'})")
+    """The directory and version to start with (see `tiergate.manifest.newest_verified`)."""
+    return newest_verified(root, roles)
 
 
 class GatewayServer:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cloud_runtime.server import CloudServer
+from edge_runtime.model import EdgeModel
 from gateway.server import GatewayServer
 from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tiergate.constants import MODEL_NAME
@@ -50,6 +52,19 @@ def tiny_rows(tiny_models: Path) -> list[tuple[str, str]]:
     from training.tiny import tiny_examples
 
     return tiny_examples(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sure_and_unsure(tiny_models: Path, tiny_rows: list[tuple[str, str]]) -> tuple[str, str, float]:
+    """The edge's most and least confident held-out rows, and a threshold between them."""
+    model = EdgeModel.load(tiny_models)
+    texts = sorted({text for text, _ in tiny_rows if len(text.split()) <= 8})
+    confidence = model.predict(texts).signal
+    model.close()
+    order = np.argsort(confidence)
+    low, high = float(confidence[order[0]]), float(confidence[order[-1]])
+    assert high > low, "the tiny edge model should not be equally sure of every row"
+    return texts[order[-1]], texts[order[0]], (low + high) / 2
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,10 @@ OVERLAYS = ("cpu-edge",)
 # Each overlay rendered as is, and with every optional component enabled.
 RENDERINGS = (*OVERLAYS, *(f"{overlay}+components" for overlay in OVERLAYS))
 COMPONENTS = K8S / "components"
-COMPONENT_NAMES = ("tracing", "prometheus-operator")
+COMPONENT_NAMES = ("tracing", "prometheus-operator", "model-build")
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
+# The in-cluster build Job: its name carries the version it publishes.
+MODEL_BUILD_JOB = "tiergate-models-build-1"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 README = DEPLOY / "README.md"
 # Backends a pod may select: only ones that run (no TensorRT backend exists yet, so no overlay names it).
@@ -450,17 +452,26 @@ def test_key_directory_and_models_are_mounted_where_the_args_point(
             "!.gitignore",
         ], f"the operator's key directory {top}/ must stay out of git"
 
+    # The model set: fetched by the init container into the pod's own volume, verified, served from there.
     models_mount = next(m for path, m in mounts.items() if args.models.is_relative_to(path))
     assert models_mount["readOnly"] is True
-    claim = volumes[models_mount["name"]]["persistentVolumeClaim"]["claimName"]
-    assert ("PersistentVolumeClaim", claim) in base
-    (wait,) = spec["initContainers"]
-    assert f"{args.models}/manifest.json" in " ".join(wait["command"])
-
-    job = base[("Job", "tiergate-models-build")]["spec"]["template"]["spec"]
-    assert {v["persistentVolumeClaim"]["claimName"] for v in job["volumes"] if "persistentVolumeClaim" in v} == {claim}
-    (build,) = job["containers"]
-    assert f"mv /models/.build {args.models}" in " ".join(build["args"])
+    assert "emptyDir" in volumes[models_mount["name"]]
+    (fetcher,) = spec["initContainers"]
+    fetch_args = build_parser().parse_args(fetcher["args"])
+    assert (fetch_args.command, fetch_args.action) == ("models", "fetch")
+    assert fetch_args.versions_dir == args.models, "the server reads where the init container fetched to"
+    store = next(e for e in fetcher["env"] if e["name"] == "MODEL_STORE")
+    assert fetch_args.store == f"$({store['name']})"
+    assert store["valueFrom"]["configMapKeyRef"] == {"name": "tiergate-models", "key": "store"}
+    store_literals = dict(
+        literal.split("=", 1)
+        for generator in kustomization["configMapGenerator"]
+        if generator["name"] == "tiergate-models"
+        for literal in generator["literals"]
+    )
+    assert store_literals["store"].startswith("s3://"), "the base names a placeholder store an overlay replaces"
+    fetched_into = {m["name"]: m for m in fetcher["volumeMounts"]}[models_mount["name"]]
+    assert fetched_into["mountPath"] == models_mount["mountPath"] and not fetched_into.get("readOnly")
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -622,6 +633,25 @@ def test_component_is_opt_in_and_fits_the_base(base: dict[tuple[str, str], Doc],
         assert f"#   - ../../components/{name}\n" in text, f"{overlay} does not show how to enable {name}"
 
 
+def test_model_build_job_publishes_the_version_its_name_carries() -> None:
+    (job,) = component_docs("model-build", "resources")
+    assert job["metadata"]["name"] == MODEL_BUILD_JOB
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (script,) = container["args"]
+    steps = [shlex.split(step) for step in script.split("&&")]
+    assert [step[0] for step in steps] == ["tiergate", "tiergate"]
+    build, publish = (build_parser().parse_args(step[1:]) for step in steps)
+    assert (build.action, publish.action) == ("build", "publish")
+    assert publish.model_dir == build.out, "it publishes the set it built"
+    assert MODEL_BUILD_JOB.endswith(f"-{publish.version}"), "a new version is a new Job, never an edited one"
+    assert publish.store == "$MODEL_STORE"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[str(build.data)]["readOnly"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts[str(build.data)]["name"]]["persistentVolumeClaim"]["claimName"] == "tiergate-catalogue"
+
+
 @pytest.mark.parametrize("tier", TIERS)
 def test_tracing_component_exports_both_tiers_with_a_ratio_sampler(base: dict[tuple[str, str], Doc], tier: str) -> None:
     patches = index(component_docs("tracing", "patches"))
@@ -718,8 +748,8 @@ def test_overlay_renders_into_one_namespace_with_the_generated_secrets(
 ) -> None:
     docs = rendered[overlay]
     assert {kind for kind, _ in docs} >= {
-        "Namespace", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler",
-        "PodDisruptionBudget", "NetworkPolicy", "PersistentVolumeClaim", "Job",
+        "Namespace", "Secret", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+        "PodDisruptionBudget", "NetworkPolicy",
     }  # fmt: skip
     for (kind, name), doc in docs.items():
         if kind != "Namespace":
@@ -778,6 +808,7 @@ def test_components_add_to_an_overlay_without_replacing_it(
         ("Service", "tiergate-gateway-metrics"),
         ("Service", "tiergate-cloud-metrics"),
         ("ServiceMonitor", "tiergate"),
+        ("Job", MODEL_BUILD_JOB),
     }
     for tier in TIERS:
         before = tier_container(plain[("Deployment", f"tiergate-{tier}")], tier)
@@ -968,7 +999,7 @@ def test_dockerfile_builds_a_non_root_tiergate_image() -> None:
     assert stages[-1][1] == "runtime", "the default (last) stage must be the serving image"
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
     runtime = text[text.index("AS runtime") :]
-    assert re.search(r"pip install /src$", runtime, re.MULTILINE)
+    assert re.search(r'pip install "/src\[store\]"$', runtime, re.MULTILINE), "the pods fetch from object stores"
     assert re.search(r"^USER 10001:10001$", runtime, re.MULTILINE)
     assert re.search(r'^ENTRYPOINT \["tiergate"\]$', runtime, re.MULTILINE)
     (expose,) = re.findall(r"^EXPOSE (.+)$", runtime, re.MULTILINE)

@@ -54,19 +54,6 @@ def rows(reply: pb.ModelInferResponse) -> list[tuple[str, float, str, str]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def sure_and_unsure(tiny_models: Path, tiny_rows: list[tuple[str, str]]) -> tuple[str, str, float]:
-    """The edge's most and least confident held-out rows, and a threshold between them."""
-    model = EdgeModel.load(tiny_models)
-    texts = sorted({text for text, _ in tiny_rows if len(text.split()) <= 8})
-    confidence = model.predict(texts).signal
-    model.close()
-    order = np.argsort(confidence)
-    low, high = float(confidence[order[0]]), float(confidence[order[-1]])
-    assert high > low, "the tiny edge model should not be equally sure of every row"
-    return texts[order[-1]], texts[order[0]], (low + high) / 2
-
-
 async def test_health_reflection_and_metadata(stack: Stack) -> None:
     health = health_pb2_grpc.HealthStub(stack.channel)
     for service in ("", "inference.GRPCInferenceService"):

@@ -49,7 +49,8 @@ def test_oip_wire_compatible_with_tritonclient() -> None:
     assert ours["services"]["GRPCInferenceService"] == [
         m for m in theirs["services"]["GRPCInferenceService"] if m in ours["services"]["GRPCInferenceService"]
     ]
-    assert len(ours["services"]["GRPCInferenceService"]) == 9  # the core calls and the repository extension
+    # The core calls, streaming and the repository extension.
+    assert len(ours["services"]["GRPCInferenceService"]) == 10
     for name, fields in ours["messages"].items():
         assert name in theirs["messages"], f"{name} is not in the protocol"
         by_number = {f[1]: f for f in theirs["messages"][name]}

@@ -225,3 +225,31 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
 def with_routing(manifest: Manifest, routing: RoutingSpec) -> Manifest:
     """A copy of ``manifest`` with its routing rule replaced."""
     return dataclasses.replace(manifest, routing=routing)
+
+
+def numbered_versions(root: Path) -> list[tuple[int, Path]] | None:
+    """`root`'s numbered version directories, oldest first; None when `root` is itself one built model."""
+    if (root / MANIFEST_NAME).is_file():
+        return None
+    if not root.is_dir():
+        raise ManifestError(f"model directory {root} does not exist; build one with `tiergate models build`")
+    return sorted((int(path.name), path) for path in root.iterdir() if path.is_dir() and path.name.isdigit())
+
+
+def newest_verified(root: Path, roles: Collection[str] | None = None) -> tuple[Path, str, dict[str, str]]:
+    """The model set to serve from `root`: `root` itself when it is one built model (version ""), else its
+    newest numbered version whose files (`roles` only, if given) verify; with the versions refused on the way
+    and why. ManifestError when none verifies."""
+    versions = numbered_versions(root)
+    if versions is None:
+        return root, "", {}
+    refused: dict[str, str] = {}
+    for number, path in reversed(versions):
+        try:
+            load_manifest(path, roles=roles)
+        except ManifestError as error:
+            refused[str(number)] = str(error)
+            logger.error("model version %d in %s refused: %s", number, root, error)
+            continue
+        return path, str(number), refused
+    raise ManifestError(f"no version in {root} verifies ({'; '.join(refused.values()) or 'no numbered versions'})")
