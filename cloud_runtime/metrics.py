@@ -1,8 +1,8 @@
-"""The cloud tier's Prometheus metrics: latency, rows, and refused envelopes by cause."""
+"""The cloud tier's Prometheus metrics: latency, rows, work in flight, and refused envelopes by cause."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tiergate.metrics import LATENCY_BUCKETS, ROW_BUCKETS
 
@@ -35,6 +35,12 @@ class CloudMetrics:
         self.envelope_rejections = Counter(
             "tiergate_cloud_envelope_rejections_total", "Sealed requests refused, by cause.", ["cause"], registry=r
         )
+        # What an autoscaler reads beside CPU (deploy/k8s/components/custom-metrics-hpa): requests and rows the
+        # admission bound holds, read when scraped.
+        self.inflight_requests = Gauge(
+            "tiergate_cloud_inflight_requests", "Infer calls admitted and not yet answered.", registry=r
+        )
+        self.inflight_rows = Gauge("tiergate_cloud_inflight_rows", "Rows of the calls in flight.", registry=r)
         self.rpc_errors = Counter(
             "tiergate_cloud_rpc_errors_total",
             "RPCs that ended with an error status, by method and code.",

@@ -34,6 +34,18 @@ def _metadata_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return "-"
 
 
+def connection_age_options(age_s: float, grace_s: float) -> list[tuple[str, int]]:
+    """Server arguments that close connections older than `age_s` (none for 0), giving calls `grace_s` to end."""
+    if age_s < 0 or grace_s < 0:
+        raise ValueError(f"max_connection_age_s and its grace must be 0 or more, got {age_s} and {grace_s}")
+    if age_s == 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(age_s * 1000))),
+        ("grpc.max_connection_age_grace_ms", round(grace_s * 1000)),
+    ]
+
+
 class CloudServer:
     """Owns the model, the servicer, the managed gRPC server and the telemetry of the cloud tier."""
 
@@ -82,6 +94,7 @@ class CloudServer:
             inner_interceptors=[] if audit is None else [AuditInterceptor(audit, ("Infer",), _metadata_request_id)],
             on_error=self.metrics.rpc_failed,
             credentials=credentials,
+            options=connection_age_options(settings.max_connection_age_s, settings.max_connection_age_grace_s),
         )
 
     async def start(self) -> int:

@@ -57,6 +57,8 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         self._model_version = model_version
         self._limits = limits
         self.admission = Admission(limits.max_inflight_requests, limits.max_inflight_rows)
+        self._metrics.inflight_requests.set_function(lambda: self.admission.requests)
+        self._metrics.inflight_rows.set_function(lambda: self.admission.rows)
         self._guard = ReplayGuard(replay, clock=clock)
         if chunk_rows < 1:
             raise ValueError(f"model_chunk_rows must be at least 1, got {chunk_rows}")

@@ -32,14 +32,24 @@ from tiergate.telemetry import timed_span
 
 logger = logging.getLogger(__name__)
 
+# The service name the cloud's health reports on (one per registered service).
+CLOUD_SERVICE = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
+
 # Retries are the channel's job, declared here rather than hand-rolled. Only UNAVAILABLE is
 # retried: the call then normally never reached the servicer. A retry resends the identical
 # sealed envelope (same nonce, request id and issue time); should an attempt have reached the
 # servicer after all, the cloud's replay guard refuses the retry as replayed (UNAUTHENTICATED,
 # not retried) and the rows get the edge's answer, so no sealed request is processed twice.
 # The backoffs stay far inside the replay window (replay.skew_s), so a retry is never stale.
+#
+# Balancing is the channel's job too: a target that resolves to several replicas (a headless Service behind
+# `dns:///`, or an `ipv4:` list) gets a connection to each, and calls go round robin over those whose own
+# grpc.health.v1 status is SERVING (client-side health checking), so a draining replica stops getting calls
+# before it closes. A target that resolves to one address (a ClusterIP Service, a balancer) behaves as before.
 _SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": CLOUD_SERVICE},
         "methodConfig": [
             {
                 "name": [{"service": "tiergate.cloud.v1.CloudInference"}],
@@ -75,11 +85,12 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     # further apart than 5 minutes, two strikes) never answers GOAWAY too_many_pings, whatever its settings.
     ("grpc.http2.max_pings_without_data", 2),
 ]
-# The service name the cloud's health reports on (one per registered service).
-CLOUD_SERVICE = cloud_pb2.DESCRIPTOR.services_by_name["CloudInference"].full_name
 # Between two attempts to watch the hop's health (doubling up to the max).
 HEALTH_RETRY_MIN_S = 0.2
 HEALTH_RETRY_MAX_S = 5.0
+# A watch that ends on a serving tier is tried again after this pause (the channel has by then stopped routing
+# to a replica that went away) before the tier is called down.
+HEALTH_RECHECK_S = 0.1
 # The hop latency window, and how many calls it needs before it says anything.
 LATENCY_WINDOW = 256
 LATENCY_MIN_SAMPLES = 20
@@ -384,15 +395,32 @@ class CloudTier:
     async def _watch_health(self) -> None:
         backoff = HEALTH_RETRY_MIN_S
         request = health_pb2.HealthCheckRequest(service=CLOUD_SERVICE)
+        # The watch runs on one replica of the tier. That replica going away (drained, restarted, its connection
+        # aged out) says nothing of the others: a serving tier is only called down once a fresh watch, which
+        # the channel sends to a replica that is SERVING, cannot find one either.
+        recheck = False
         while True:
+            down = ""
+            call = health_pb2_grpc.HealthStub(self._channel).Watch(request)
             try:
-                async for reply in health_pb2_grpc.HealthStub(self._channel).Watch(request):
-                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-                    self._set_serving(serving, "its health service says so")
-                    backoff = HEALTH_RETRY_MIN_S
-                self._set_serving(False, "its health stream ended")
+                async for reply in call:
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        self._set_serving(True, "its health service says so")
+                        backoff, recheck = HEALTH_RETRY_MIN_S, False
+                        continue
+                    down = "its health service says it is not serving"
+                    break
+                else:
+                    down = "its health stream ended"
             except grpc.aio.AioRpcError as error:
-                self._set_serving(False, f"health watch failed with {error.code().name}")
+                down = f"health watch failed with {error.code().name}"
+            finally:
+                call.cancel()
+            if self._serving and not recheck:
+                recheck = True
+                await asyncio.sleep(HEALTH_RECHECK_S)
+                continue
+            self._set_serving(False, down)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, HEALTH_RETRY_MAX_S)
 

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from app.cli import build_parser
 from cloud_runtime.metrics import CloudMetrics
 from gateway.metrics import GatewayMetrics
+from gateway.server import check_target
 from tiergate import telemetry
 from tiergate.constants import MODEL_NAME
 from tiergate.keys import (
@@ -52,7 +53,7 @@ OVERLAYS = ("cpu-edge",)
 # Each overlay rendered as is, and with every optional component enabled.
 RENDERINGS = (*OVERLAYS, *(f"{overlay}+components" for overlay in OVERLAYS))
 COMPONENTS = K8S / "components"
-COMPONENT_NAMES = ("tracing", "prometheus-operator", "model-build")
+COMPONENT_NAMES = ("tracing", "prometheus-operator", "model-build", "custom-metrics-hpa")
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
 # The in-cluster build Job: its name carries the version it publishes.
 MODEL_BUILD_JOB = "tiergate-models-build-1"
@@ -347,7 +348,10 @@ def test_gateway_cloud_target_names_the_cloud_service(base: dict[tuple[str, str]
     gateway = tier_container(base[("Deployment", "tiergate-gateway")], "gateway")
     cloud_service = base[("Service", "tiergate-cloud")]
     args = build_parser().parse_args(gateway["args"])
-    assert args.cloud == f"{cloud_service['metadata']['name']}:{cloud_service['spec']['ports'][0]['port']}"
+    # gRPC balances over the replicas itself: a headless Service (one address per ready pod) behind `dns:///`.
+    assert args.cloud == f"dns:///{cloud_service['metadata']['name']}:{cloud_service['spec']['ports'][0]['port']}"
+    assert cloud_service["spec"]["clusterIP"] == "None"
+    assert check_target(args.cloud, "--cloud") == args.cloud
     assert env_of(gateway)["TIERGATE_GATEWAY__EDGE_BACKEND"] in EDGE_BACKENDS
 
 
@@ -370,6 +374,19 @@ def test_hpa_scales_the_cloud_deployment_on_cpu(base: dict[tuple[str, str], Doc]
     assert metric["resource"]["name"] == "cpu"
     # CPU utilisation is measured against the request, so the container must have one.
     assert tier_container(deployment, "cloud")["resources"]["requests"]["cpu"]
+
+
+def test_custom_metrics_hpa_keeps_cpu_and_adds_a_metric_the_cloud_exports(base: dict[tuple[str, str], Doc]) -> None:
+    (patch,) = component_docs("custom-metrics-hpa", "patches")
+    assert (patch["kind"], patch["metadata"]["name"]) == ("HorizontalPodAutoscaler", "tiergate-cloud")
+    by_type = {metric["type"]: metric for metric in patch["spec"]["metrics"]}
+    # A strategic merge patch replaces the list: the base's CPU metric must be in it again, unchanged.
+    (cpu,) = base[("HorizontalPodAutoscaler", "tiergate-cloud")]["spec"]["metrics"]
+    assert by_type["Resource"] == cpu
+    pods = by_type["Pods"]["pods"]
+    exported = {metric.name for metric in CloudMetrics().registry.collect()}
+    assert pods["metric"]["name"] in exported, "the HPA must read a gauge the cloud serves"
+    assert pods["target"]["type"] == "AverageValue" and float(pods["target"]["averageValue"]) > 0
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -505,7 +522,7 @@ def test_readme_key_recipe_writes_every_secret_file_privately(
     # The gateway checks the cloud's certificate for the host it dials; the probe for the name it passes.
     names = san_names(operator_base / "keys" / CLOUD_CERT)
     gateway = build_parser().parse_args(tier_container(base[("Deployment", "tiergate-gateway")], "gateway")["args"])
-    assert gateway.cloud.rpartition(":")[0] in names
+    assert dialled(gateway.cloud)[0] in names
     cloud = tier_container(base[("Deployment", "tiergate-cloud")], "cloud")
     assert cloud["readinessProbe"]["exec"]["command"][-1] in names
     # No shell redirect writes key material (it would land world-readable under a usual umask).
@@ -535,7 +552,7 @@ async def test_each_pods_key_files_make_the_mtls_hop_and_the_cloud_probe(
     gateway_args = build_parser().parse_args(
         tier_container(base[("Deployment", "tiergate-gateway")], "gateway")["args"]
     )
-    host = gateway_args.cloud.rpartition(":")[0]
+    host = dialled(gateway_args.cloud)[0]
     server = ManagedServer(lambda _: [], max_message_bytes=1 << 20, credentials=server_credentials(cloud.tls))
     port = await server.start("127.0.0.1", 0)
     try:
@@ -602,6 +619,12 @@ def component(name: str) -> Doc:
     return doc
 
 
+def dialled(target: str) -> tuple[str, str]:
+    """The host and port of a gateway's `--cloud` target: the name gRPC checks in the cloud's certificate."""
+    host, _, port = target.removeprefix("dns:///").rpartition(":")
+    return host, port
+
+
 def component_docs(name: str, key: str) -> list[Doc]:
     entries = component(name).get(key, [])
     return [
@@ -622,7 +645,7 @@ def test_component_is_opt_in_and_fits_the_base(base: dict[tuple[str, str], Doc],
     )
     for doc in component_docs(name, "patches"):
         assert (doc["kind"], doc["metadata"]["name"]) in base, (name, doc["metadata"]["name"])
-        for container in doc["spec"]["template"]["spec"]["containers"]:
+        for container in doc["spec"].get("template", {}).get("spec", {}).get("containers", []):
             tier_settings(env_of(container), container["name"])
     for doc in component_docs(name, "resources"):
         assert (doc["kind"], doc["metadata"]["name"]) not in base
@@ -830,7 +853,7 @@ def test_compose_services_and_gateway_target(compose: Doc) -> None:
     services = compose["services"]
     assert set(services) >= {"cloud", "gateway", "jaeger", "models", "keys"}
     cloud, gateway = compose_args(services["cloud"]), compose_args(services["gateway"])
-    host, _, port = gateway.cloud.rpartition(":")
+    host, port = dialled(gateway.cloud)
     assert host == "cloud" and int(port) == cloud.port
     assert gateway.keys == cloud.keys is not None and gateway.models == cloud.models
     assert gateway.keyring is None and cloud.keyring is None, "--keys names the keyring"
@@ -926,7 +949,7 @@ def test_compose_keys_one_shot_writes_the_key_directory_once(
     assert token not in second
     # The cloud's certificate names the host the gateway dials and the one its healthcheck checks.
     names = san_names(directory / CLOUD_CERT)
-    assert gateway.cloud.rpartition(":")[0] in names
+    assert dialled(gateway.cloud)[0] in names
     assert services["cloud"]["healthcheck"]["test"][-1] in names
 
 

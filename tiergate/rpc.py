@@ -252,12 +252,14 @@ class ManagedServer:
         inner_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         on_error: Callable[[str, str], None] | None = None,
         credentials: grpc.ServerCredentials | None = None,
+        options: Iterable[tuple[str, Any]] = (),
     ) -> None:
         """`interceptors` run outside the error interceptor, so a tracing interceptor sees the status each
-        exception was mapped to; `inner_interceptors` (authentication) run inside it. `credentials`: TLS."""
+        exception was mapped to; `inner_interceptors` (authentication) run inside it. `credentials`: TLS.
+        `options`: further channel arguments of the server (connection ageing, say)."""
         self.server = grpc.aio.server(
             interceptors=[*interceptors, ErrorInterceptor(on_error), *inner_interceptors],
-            options=server_options(max_message_bytes),
+            options=[*server_options(max_message_bytes), *options],
         )
         self._credentials = credentials
         self.health = health.aio.HealthServicer()

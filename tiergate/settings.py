@@ -351,6 +351,10 @@ class CloudSettings:
     # The model runs a request this many rows at a time; between chunks it stops if the caller has gone, so
     # abandoned work costs later requests one chunk at most.
     model_chunk_rows: int = 32
+    # A connection older than this is closed gracefully (GOAWAY; 0: never), so gateways reconnect, resolve the
+    # tier's name again and spread their calls over replicas added since. Calls in flight get the grace to end.
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 30.0
     limits: LimitSettings = field(default_factory=LimitSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(port=8102))
