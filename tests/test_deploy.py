@@ -953,6 +953,57 @@ def test_compose_keys_one_shot_writes_the_key_directory_once(
     assert services["cloud"]["healthcheck"]["test"][-1] in names
 
 
+# Stands in for `tiergate` in the models one-shot's script: records how it was called and writes what a build
+# leaves (a manifest in --out), so the script's choices are tested without minutes of training.
+RECORDING_CLI = """#!/bin/sh
+echo "$*" >> "$CALLS"
+while [ $# -gt 0 ]; do
+  if [ "$1" = --out ]; then mkdir -p "$2"; echo '{}' > "$2/manifest.json"; fi
+  shift
+done
+"""
+
+
+def test_compose_models_one_shot_builds_from_a_mounted_catalogue_or_says_it_is_the_demo(
+    compose: Doc, tmp_path: Path
+) -> None:
+    service = compose["services"]["models"]
+    cloud = compose_args(compose["services"]["cloud"])
+    (script,) = service["command"]
+    assert not re.search(r"(?<!\$)\$(?!\$)", script), "compose interpolates a lone $; write $$"
+    # The catalogue comes from TIERGATE_CATALOGUE, read-only; an empty directory of the repository stands in.
+    (data,) = [v for v in service["volumes"] if v.endswith(":/data:ro")]
+    source, _, _ = data.rpartition(":/data")
+    assert source == "${TIERGATE_CATALOGUE:-./no-catalogue}"
+    assert (COMPOSE.parent / "no-catalogue").is_dir()
+    bin_dir, catalogue, models = tmp_path / "bin", tmp_path / "data", tmp_path / "models"
+    for directory in (bin_dir, catalogue, models):
+        directory.mkdir()
+    (bin_dir / "tiergate").write_text(RECORDING_CLI, encoding="utf-8")
+    (bin_dir / "tiergate").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}
+    script = script.replace("$$", "$").replace("/data", str(catalogue)).replace("/models", str(models))
+
+    def run() -> tuple[str, list[str]]:
+        calls.write_text("", encoding="utf-8")
+        done = subprocess.run(["sh", "-c", script], check=False, env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout, calls.read_text(encoding="utf-8").splitlines()
+
+    served = models / cloud.models.relative_to("/models")
+    out, built = run()
+    assert "DEMO catalogue" in out and "synthetic" in out
+    assert built == [f"models build --out {models}/.build"] and (served / "manifest.json").is_file()
+    assert run()[1] == [], "a second run keeps the set it built"
+    (catalogue / "products.csv").write_text("product_id,product_name,aisle_id,department_id\n", encoding="utf-8")
+    out, built = run()
+    assert "DEMO" not in out
+    assert built == [f"models build --data {catalogue} --out {models}/.build"], "a mounted catalogue is built"
+    assert not (models / ".build").exists() and (served / "manifest.json").is_file()
+    assert run()[1] == []
+
+
 def test_compose_one_shots_fill_the_paths_the_tiers_read(compose: Doc) -> None:
     services = compose["services"]
     cloud = compose_args(services["cloud"])
