@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import overload
 
 from opentelemetry import trace
 
@@ -56,7 +57,7 @@ class CascadeResult:
     # True when a later tier failed and earlier answers were returned in its place.
     degraded: bool = False
     # Per row, the text the boundary policy lets a remote tier see (redacted), or None: the row stays private.
-    outbound: tuple[str | None, ...] = ()
+    outbound: Sequence[str | None] = ()
     # Rows answered from the response cache.
     cache_hits: int = 0
 
@@ -72,7 +73,7 @@ class CascadeResult:
 @dataclass
 class _Row:
     text: str
-    decision: Decision
+    policy: BoundaryPolicy
     start: int
     reasons: list[Reason] = field(default_factory=list)
     answer: Prediction | None = None
@@ -83,6 +84,35 @@ class _Row:
     # Set when a tier this row needed failed (or ran out of time) and no later tier has answered it since.
     short: Reason | None = None
     short_of: str = ""
+    _decision: Decision | None = None
+
+    @property
+    def decision(self) -> Decision:
+        """What of this row the boundary policy lets leave, decided the first time it is asked: only rows that
+        may climb to a remote tier (and the few the drift watch or the cache look at) are ever examined."""
+        if self._decision is None:
+            self._decision = self.policy.decide(self.text)
+        return self._decision
+
+
+class _Outbound(Sequence[str | None]):
+    """Per row, the text the boundary policy lets a remote tier see (None: the row stays private), each row
+    decided on first use."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> str | None: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str | None]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str | None] | None:
+        if isinstance(index, slice):
+            return [row.decision.outbound for row in self._rows[index]]
+        return self._rows[index].decision.outbound
 
 
 @dataclass(frozen=True)
@@ -153,11 +183,12 @@ class Cascade:
 
     async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
         rows = []
-        # The one place the boundary policy is applied: nothing reaches a remote tier but `decision.outbound`.
-        decisions = self.data_policy.apply(texts)
-        for text, heavy, decision in zip(texts, self.policy.heavy_reasons(texts, hint), decisions, strict=True):
-            row = _Row(text=text, decision=decision, start=self.heavy_level if heavy else 0, reasons=list(heavy))
-            if heavy and row.start > 0 and decision.private:
+        # The one place the boundary policy is applied: nothing reaches a remote tier but `row.decision.outbound`
+        # (each row is examined when it first may leave).
+        policy = self.data_policy
+        for text, heavy in zip(texts, self.policy.heavy_reasons(texts, hint), strict=True):
+            row = _Row(text=text, policy=policy, start=self.heavy_level if heavy else 0, reasons=list(heavy))
+            if heavy and row.start > 0 and row.decision.private:
                 # A heavy row that may not leave is answered by the first tier instead.
                 row.start = 0
                 row.reasons.append(Reason.PRIVATE_DATA)
@@ -192,9 +223,7 @@ class Cascade:
         ]
         if len(answered) != len(rows):
             raise RuntimeError(f"{len(rows) - len(answered)} of {len(rows)} rows were left without an answer")
-        return CascadeResult(
-            rows=answered, degraded=degraded, outbound=tuple(decision.outbound for decision in decisions)
-        )
+        return CascadeResult(rows=answered, degraded=degraded, outbound=_Outbound(rows))
 
     async def _run_remote(self, level: int, tier: Tier, pending: list[_Row], deadline: float | None) -> bool:
         """Ask remote tier `level` for `pending`; False when it failed (its rows pass on, flagged).
@@ -440,8 +469,8 @@ class TieredModel:
         computed = await self.cascade.infer([texts[index] for index in misses], hint, deadline)
         final = [
             (texts[index], row)
-            for index, row, outbound in zip(misses, computed.rows, computed.outbound, strict=True)
-            if outbound == texts[index] and not _SHORT_REASONS.intersection(row.reasons)
+            for position, (index, row) in enumerate(zip(misses, computed.rows, strict=True))
+            if not _SHORT_REASONS.intersection(row.reasons) and computed.outbound[position] == texts[index]
         ]
         if final:
             # A cached answer runs no tier when it is served again: it costs nothing then.
@@ -478,7 +507,7 @@ class TieredModel:
         started = time.perf_counter()
         self._active += 1
         try:
-            with self.metrics.inflight.labels(model=self.name).track_inprogress():
+            with self.metrics.child(self.metrics.inflight, self.name).track_inprogress():
                 if self.cache is not None and use_cache:
                     result = await self._infer_cached(self.cache, texts, hint, deadline)
                 else:
@@ -486,17 +515,15 @@ class TieredModel:
         finally:
             self._active -= 1
         seconds = time.perf_counter() - started
-        if self.drift is not None:
-            # The drift watch shadows rows to the last (remote) tier: it is offered what may leave, no more.
+        if self.drift is not None and self.drift.enabled:
+            # The drift watch shadows rows to the last (remote) tier: it is offered what may leave, no more (the
+            # rows it samples are the only ones it has the boundary policy decide).
             first, threshold = self.cascade.tiers[0].name, self.cascade.policy.threshold
-            shareable = [
-                (text, row) for text, row in zip(result.outbound, result.rows, strict=True) if text is not None
-            ]
             self.drift.offer(
-                [text for text, _ in shareable],
+                result.outbound,
                 [
                     (row.label, row.signal, row.tier == first and not row.reasons and row.signal >= threshold)
-                    for _, row in shareable
+                    for row in result.rows
                 ],
             )
         tiers = result.rows_by_tier()

@@ -146,15 +146,22 @@ class DriftWatch:
     def enabled(self) -> bool:
         return self.settings.sample_rate > 0.0
 
-    def offer(self, texts: Sequence[str], answers: Sequence[tuple[str, float, bool]]) -> None:
-        """Consider one answered request: (label, confidence, confident) per row; never blocks.
+    def offer(self, texts: Sequence[str | None], answers: Sequence[tuple[str, float, bool]]) -> None:
+        """Consider one answered request: per row the text that may leave the private side (None: it may not)
+        and (label, confidence, confident); never blocks.
 
-        Only confident first-tier answers are sampled: the rows the last tier never saw.
+        Only confident first-tier answers are sampled: the rows the last tier never saw. A row's text is read
+        only once it is sampled (reading it may run the boundary policy).
         """
         if not self.enabled:
             return
-        for text, (label, confidence, confident) in zip(texts, answers, strict=True):
+        if len(texts) != len(answers):
+            raise ValueError(f"{len(texts)} texts for {len(answers)} answers")
+        for index, (label, confidence, confident) in enumerate(answers):
             if not confident or self._random.random() >= self.settings.sample_rate:
+                continue
+            text = texts[index]
+            if text is None:
                 continue
             try:
                 self._queue.put_nowait(Sample(text, label, confidence))

@@ -19,7 +19,7 @@ from tiergate.settings import BatchingSettings
 
 
 class EdgeTier:
-    """Runs the INT8 edge model on a dedicated thread so the event loop never blocks on inference."""
+    """Runs the INT8 edge model in-process: small calls on the event loop, larger ones on a worker thread."""
 
     def __init__(
         self,
@@ -29,9 +29,18 @@ class EdgeTier:
         tracer: trace.Tracer | None = None,
         metrics: GatewayMetrics | None = None,
         batching: BatchingSettings | None = None,
+        inline_rows: int = 0,
     ) -> None:
-        """`batching` None or disabled: one model call per request."""
+        """`batching` None or disabled: one model call per request. Calls of at most `inline_rows` rows run on
+        the event loop (the hand-off to the worker thread and back costs more than a small model call), unless
+        the worker is busy; larger ones on the worker, so the loop serves other requests meanwhile."""
+        if inline_rows < 0:
+            raise ValueError(f"edge_inline_rows must be 0 or more, got {inline_rows}")
         self.name = name
+        self._inline_rows = inline_rows
+        # Calls on the worker not yet finished: while there are any, small calls queue behind them there, so the
+        # model never runs on two threads at once.
+        self._on_worker = 0
         self._model = model
         self._tracer = tracer or trace.NoOpTracer()
         self._batch_rows = (metrics or GatewayMetrics()).edge_batch_rows.labels(tier=name)
@@ -60,6 +69,7 @@ class EdgeTier:
         tracer: trace.Tracer | None = None,
         metrics: GatewayMetrics | None = None,
         batching: BatchingSettings | None = None,
+        inline_rows: int = 0,
     ) -> EdgeTier:
         """The edge tier serving the INT8 edge model of `models_dir` on `backend`."""
         return cls(
@@ -68,6 +78,7 @@ class EdgeTier:
             tracer=tracer,
             metrics=metrics,
             batching=batching,
+            inline_rows=inline_rows,
         )
 
     @property
@@ -88,7 +99,6 @@ class EdgeTier:
         ]
 
     async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
-        loop = asyncio.get_running_loop()
         if self._batcher is None:
             self._batch_rows.observe(len(texts))
         attributes: dict[str, AttributeValue] = {
@@ -100,12 +110,26 @@ class EdgeTier:
         with self._tracer.start_as_current_span("tiergate.edge.infer", attributes=attributes):
             if self._batcher is not None:
                 return await self._batcher.submit(texts, deadline)
-            return await loop.run_in_executor(self._executor, self._predict_sync, list(texts))
+            return await self._call(list(texts))
 
     async def _run_batch(self, texts: list[str]) -> list[Prediction]:
-        """One model call on the worker thread for a batch the batcher gathered."""
+        """One model call for a batch the batcher gathered."""
         self._batch_rows.observe(len(texts))
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._predict_sync, texts)
+        return await self._call(texts)
+
+    async def _call(self, texts: list[str]) -> list[Prediction]:
+        if len(texts) <= self._inline_rows and not self._on_worker:
+            return self._predict_sync(texts)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._predict_sync, texts)
+        self._on_worker += 1
+        future.add_done_callback(self._worker_done)
+        # Shielded: a caller that goes away leaves the call to finish on the worker, still counted as running.
+        return await asyncio.shield(future)
+
+    def _worker_done(self, future: asyncio.Future[list[Prediction]]) -> None:
+        self._on_worker -= 1
+        if not future.cancelled():
+            future.exception()  # a caller that went away never reads it: retrieved here, not logged as lost
 
     def ready(self) -> bool:
         return True

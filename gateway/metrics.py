@@ -7,8 +7,10 @@ text or id ever becomes a label.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
 
 from gateway.cost import Cost
 from tiergate.metrics import LATENCY_BUCKETS, ROW_BUCKETS
@@ -19,6 +21,8 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Labelled children by metric and label values: looking one up anew costs microseconds per request.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.request_seconds = Histogram(
             "tiergate_request_duration_seconds",
@@ -174,6 +178,14 @@ class GatewayMetrics:
             {"version": version, "signal": signal, "threshold": f"{threshold:.6g}", "chain": ",".join(chain)}
         )
 
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered (label values come from bounded sets, so this stays small)."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def answered(
         self,
         model: str,
@@ -187,17 +199,18 @@ class GatewayMetrics:
         top_tier: str,
     ) -> None:
         """Record one answered ModelInfer: `tiers` rows per answering tier, `reasons` escalations by reason."""
-        self.request_seconds.labels(model=model, tier=top_tier).observe(seconds)
+        child = self.child
+        child(self.request_seconds, model, top_tier).observe(seconds)
         for tier, count in tiers.items():
-            self.rows.labels(model=model, tier=tier).inc(count)
+            child(self.rows, model, tier).inc(count)
         for reason, count in reasons.items():
-            self.escalations.labels(model=model, reason=reason).inc(count)
+            child(self.escalations, model, reason).inc(count)
         if degraded:
-            self.degraded.labels(model=model).inc()
-        self.cost_spent.labels(model=model, currency=currency).inc(cost.spent)
-        self.cost_cloud_only.labels(model=model, currency=currency).inc(cost.cloud_only)
-        self.cost_saved.labels(model=model, currency=currency).inc(cost.saved)
-        self.cost_overspent.labels(model=model, currency=currency).inc(cost.overspent)
+            child(self.degraded, model).inc()
+        child(self.cost_spent, model, currency).inc(cost.spent)
+        child(self.cost_cloud_only, model, currency).inc(cost.cloud_only)
+        child(self.cost_saved, model, currency).inc(cost.saved)
+        child(self.cost_overspent, model, currency).inc(cost.overspent)
 
     def rpc_failed(self, method: str, code: str) -> None:
         self.rpc_errors.labels(method=method, code=code).inc()

@@ -46,6 +46,8 @@ _EMAIL = re.compile(r"(?<![\w.%+'-])[\w.%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*
 # an optional leading "+". Each repetition must consume a digit, so matching stays linear.
 _NUMBER = re.compile(r"\+?\(?[0-9](?:[ .()\-]{0,3}[0-9])*\)?")
 _GROUP = re.compile(r"[0-9]+")
+# What every kind's pattern needs somewhere in a text: an ASCII digit (numbers, postcodes) or an "@" (e-mail).
+_CANDIDATE = re.compile(r"[0-9@]")
 # The longest number any kind looks for: a 19-digit card.
 _MAX_DIGITS = 19
 # The most groups a card (4-4-4-4-3) or a national phone number is written in.
@@ -269,18 +271,19 @@ class BoundaryPolicy:
         """`text` with every finding replaced by its kind's placeholder, e.g. `[EMAIL]`."""
         return self._redacted(text, self.find(text))
 
+    def decide(self, text: str) -> Decision:
+        """What of one row may leave the private side under this policy."""
+        # Every kind needs a digit or an "@": most product names have neither, and need no closer look.
+        findings = tuple(self.find(text)) if _CANDIDATE.search(text) else ()
+        if not findings:
+            return Decision(findings, text)
+        if self.action is Action.KEEP_PRIVATE:
+            return Decision(findings, None)
+        return Decision(findings, self._redacted(text, findings))
+
     def apply(self, texts: Sequence[str]) -> list[Decision]:
         """Per row, what may leave the private side under this policy."""
-        decisions = []
-        for text in texts:
-            findings = tuple(self.find(text))
-            if not findings:
-                decisions.append(Decision(findings, text))
-            elif self.action is Action.KEEP_PRIVATE:
-                decisions.append(Decision(findings, None))
-            else:
-                decisions.append(Decision(findings, self._redacted(text, findings)))
-        return decisions
+        return [self.decide(text) for text in texts]
 
     def forwardable(self, parameters: Mapping[str, _V]) -> dict[str, _V]:
         """The request parameters that may be forwarded to a remote tier: only those the policy lists."""

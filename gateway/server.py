@@ -184,6 +184,7 @@ def build_tiers(
                     tracer=tracing.tracer,
                     metrics=metrics,
                     batching=settings.batching,
+                    inline_rows=settings.edge_inline_rows,
                 )
             )
             continue
@@ -346,6 +347,7 @@ class GatewayServer:
                 tracer=self.tracing.tracer,
                 metrics=self.metrics,
                 batching=self.settings.batching,
+                inline_rows=self.settings.edge_inline_rows,
             )
             return self._assemble(manifest, version or manifest.version, [edge, *self.tiers[1:]], owned=[edge])
         return self._assemble(manifest, version or manifest.version, self.tiers)

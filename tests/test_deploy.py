@@ -971,10 +971,10 @@ def test_compose_models_one_shot_builds_from_a_mounted_catalogue_or_says_it_is_t
     cloud = compose_args(compose["services"]["cloud"])
     (script,) = service["command"]
     assert not re.search(r"(?<!\$)\$(?!\$)", script), "compose interpolates a lone $; write $$"
-    # The catalogue comes from TIERGATE_CATALOGUE, read-only; an empty directory of the repository stands in.
+    # The catalogue comes from CATALOGUE_DIR, read-only; an empty directory of the repository stands in.
     (data,) = [v for v in service["volumes"] if v.endswith(":/data:ro")]
     source, _, _ = data.rpartition(":/data")
-    assert source == "${TIERGATE_CATALOGUE:-./no-catalogue}"
+    assert source == "${CATALOGUE_DIR:-./no-catalogue}"
     assert (COMPOSE.parent / "no-catalogue").is_dir()
     bin_dir, catalogue, models = tmp_path / "bin", tmp_path / "data", tmp_path / "models"
     for directory in (bin_dir, catalogue, models):

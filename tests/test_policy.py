@@ -189,7 +189,7 @@ async def test_cascade_sends_remote_tiers_redacted_text_only() -> None:
     # The first tier is on the private side and sees the row as typed; the remote tier sees it redacted.
     assert edge.calls == [["milk", UNSURE, SURE]]
     assert cloud.calls == [["odd thing for [EMAIL]"]]
-    assert result.outbound == ("milk", "odd thing for [EMAIL]", "milk for [EMAIL]")
+    assert tuple(result.outbound) == ("milk", "odd thing for [EMAIL]", "milk for [EMAIL]")
 
 
 async def test_cascade_without_a_data_policy_redacts_by_default() -> None:
@@ -227,7 +227,7 @@ async def test_keep_private_rows_are_answered_by_the_first_tier(hint: Hint) -> N
         ]
         assert edge.calls == [[UNSURE, SURE]]
         assert cloud.calls == [["odd thing"]]
-    assert result.outbound == ("odd thing", None, None)
+    assert tuple(result.outbound) == ("odd thing", None, None)
     private_rows = 1 if hint is Hint.AUTO else 2
     assert result.reason_counts()["private_data"] == private_rows
     sample = model.metrics.registry.get_sample_value(
@@ -341,3 +341,45 @@ async def test_personal_data_never_crosses_the_hop(
     # On the wire: neither the row nor its personal data, though the envelope did cross.
     assert b"test-key" in tap.to_upstream
     assert not [secret for secret in SECRETS if secret in tap.to_upstream]
+
+
+class _CountingPolicy(BoundaryPolicy):
+    """The real policy, counting the rows it is asked to decide."""
+
+    def __init__(self) -> None:
+        super().__init__(Action.KEEP_PRIVATE)
+        self.decided: list[str] = []
+
+    def decide(self, text: str) -> Any:
+        self.decided.append(text)
+        return super().decide(text)
+
+
+async def test_only_rows_that_may_leave_are_examined() -> None:
+    # Rows the first tier settles never go near the boundary, so the policy never reads them; an unsure row,
+    # and a heavy one bound for the last tier, are examined before anything is sent.
+    policy = _CountingPolicy()
+    edge, cloud = TableTier("edge", EDGE), TableTier("cloud", CLOUD)
+    cascade = Cascade([edge, cloud], ROUTING, data_policy=policy)
+    result = await cascade.infer(["milk", SURE, UNSURE], Hint.AUTO)
+    assert policy.decided == [UNSURE]
+    assert [row.reasons for row in result.rows] == [(), (), (Reason.LOW_CONFIDENCE, Reason.PRIVATE_DATA)]
+    assert cloud.calls == []
+    # What may leave is still known for every row, decided on first use.
+    assert list(result.outbound) == ["milk", None, None] and policy.decided == [UNSURE, "milk", SURE]
+    policy.decided.clear()
+    await cascade.infer(["milk"], Hint.CLOUD)
+    assert policy.decided == ["milk"] and cloud.calls == [["milk"]]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Greek Yogurt", "Greek Yogurt 12 oz", PLANTED, "café olé", "SW1A 1AA", "mail me at a@b.co", "no digits here"],
+)
+def test_deciding_one_row_matches_a_full_search(text: str) -> None:
+    # The quick look for a digit or an "@" skips only texts the full search finds nothing in.
+    for action in Action:
+        policy = BoundaryPolicy(action)
+        decision = policy.decide(text)
+        assert decision.findings == tuple(policy.find(text))
+        assert policy.apply([text]) == [decision]

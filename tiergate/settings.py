@@ -310,6 +310,10 @@ class GatewaySettings:
     # Tiers other than the implied `edge` and `cloud`, or overrides of theirs: [gateway.tiers.NAME].
     tiers: dict[str, TierSettings] = field(default_factory=dict)
     edge_backend: str = "onnxruntime"
+    # Edge model calls of at most this many rows run on the event loop itself: a small call costs less than the
+    # hand-off to the edge worker thread and back. Larger calls (and calls while the worker is busy) run on the
+    # worker, so the loop keeps serving meanwhile. 0: every call on the worker.
+    edge_inline_rows: int = 64
     cloud_target: str = "127.0.0.1:8101"
     cloud_timeout_s: float = 2.0
     keyring_path: Path = DEFAULT_KEYRING
