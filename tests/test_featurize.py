@@ -101,3 +101,50 @@ def test_ngram_blocks_concatenate_and_round_trip() -> None:
         NgramBlocks([words, HashedNgramFeaturizer(n_buckets=256)])
     with pytest.raises(ValueError, match="unsupported n-gram blocks"):
         NgramBlocks.from_config(words.config())
+
+
+def _reference_ids(featurizer: HashedNgramFeaturizer, text: str) -> list[int]:
+    """The ids as defined, computed the slow way: each n-gram's bytes hashed whole (what built models learned)."""
+    import re
+    import unicodedata
+    import zlib
+
+    words = [w.encode() for w in re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())]
+    modulus = featurizer.n_buckets - 1
+    out = []
+    for n in range(featurizer.word_ngrams[0], featurizer.word_ngrams[1] + 1):
+        out += [zlib.crc32(b" ".join(words[i : i + n]), 0x5EED0001) % modulus + 1 for i in range(len(words) - n + 1)]
+    lo, hi = featurizer.char_ngrams
+    if hi > 0:
+        for word in words:
+            marked = b"<" + word + b">"
+            out += [
+                zlib.crc32(marked[i : i + n], 0x5EED0002) % modulus + 1
+                for n in range(lo, min(hi, len(marked)) + 1)
+                for i in range(len(marked) - n + 1)
+            ]
+    return out[: featurizer.max_features]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"n_buckets": 2**17, "max_features": 128},
+        {"word_ngrams": (1, 3)},
+        {"word_ngrams": (2, 3), "char_ngrams": (0, 0)},
+    ],
+)
+def test_ids_match_hashing_each_ngram_whole(config: dict[str, object]) -> None:
+    # Word n-grams are hashed by continuing each word's crc32 over " next": the same ids as hashing "w1 w2".
+    featurizer = HashedNgramFeaturizer(**config)  # type: ignore[arg-type]
+    texts = ["Organic Whole Milk 1 gal", "Ｆｕｌｌｗｉｄｔｈ Café Crème", "a", "", "東京 ラーメン 123", "x " * 80]
+    for _ in range(2):  # cold, then from the word cache
+        for text in texts:
+            assert featurizer.features(text) == _reference_ids(featurizer, text), text
+
+
+def test_word_ngram_sizes_start_at_one() -> None:
+    with pytest.raises(ValueError, match="start at 1"):
+        HashedNgramFeaturizer(word_ngrams=(0, 2))
+    assert HashedNgramFeaturizer(word_ngrams=(1, 0)).features("organic milk")[:1] != []  # words off, chars on

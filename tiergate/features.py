@@ -6,7 +6,7 @@ import re
 import unicodedata
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -16,6 +16,16 @@ _TOKEN = re.compile(r"\w+", re.UNICODE)
 # without building prefixed strings per feature.
 _WORD_SEED = 0x5EED0001
 _CHAR_SEED = 0x5EED0002
+
+
+class _Word(NamedTuple):
+    """One word's share of the features: its seeded crc32, its unigram id, " word" for the n-grams it ends, and
+    its character n-gram ids."""
+
+    seeded: int
+    unigram: int
+    spaced: bytes
+    chars: list[int]
 
 
 class HashedNgramFeaturizer:
@@ -39,11 +49,13 @@ class HashedNgramFeaturizer:
         self.n_buckets = int(n_buckets)
         self.max_features = int(max_features)
         self.word_ngrams = (int(word_ngrams[0]), int(word_ngrams[1]))
+        if self.word_ngrams[0] < 1 and self.word_ngrams[1] >= self.word_ngrams[0]:
+            raise ValueError(f"word n-gram sizes start at 1, got {self.word_ngrams}; (1, 0) means none")
         self.char_ngrams = (int(char_ngrams[0]), int(char_ngrams[1]))
         self._modulus = self.n_buckets - 1
-        # Product names reuse a small vocabulary, so per-word character n-gram ids are
-        # memoised; the cache is bounded and simply reset when it fills.
-        self._word_cache: dict[str, list[int]] = {}
+        # Product names reuse a small vocabulary, so what each word contributes (its hash, unigram id and
+        # character n-gram ids) is memoised; the cache is bounded and simply reset when it fills.
+        self._word_cache: dict[str, _Word] = {}
         self._cache_limit = 200_000
 
     def config(self) -> dict[str, Any]:
@@ -77,30 +89,42 @@ class HashedNgramFeaturizer:
 
     def features(self, text: str) -> list[int]:
         """Hashed ids (1..n_buckets-1) for one text: word n-grams first, then character n-grams."""
-        words = _TOKEN.findall(self.normalise(text))
+        entries = [self._word(word) for word in _TOKEN.findall(self.normalise(text))]
         crc32 = zlib.crc32
         modulus = self._modulus
         limit = self.max_features
         out: list[int] = []
         w_lo, w_hi = self.word_ngrams
-        encoded = [w.encode("utf-8") for w in words]
         for n in range(w_lo, w_hi + 1):
-            for i in range(len(encoded) - n + 1):
-                gram = encoded[i] if n == 1 else b" ".join(encoded[i : i + n])
-                out.append(crc32(gram, _WORD_SEED) % modulus + 1)
+            if n == 1:
+                out.extend(entry.unigram for entry in entries)
+                continue
+            for i in range(len(entries) - n + 1):
+                # crc32 continues from a running value: the hash of "w1 w2" is the hash of " w2" from w1's.
+                value = entries[i].seeded
+                for entry in entries[i + 1 : i + n]:
+                    value = crc32(entry.spaced, value)
+                out.append(value % modulus + 1)
         if self.char_ngrams[1] > 0:
-            cache = self._word_cache
-            for word in words:
-                grams = cache.get(word)
-                if grams is None:
-                    grams = self._char_ids(word)
-                    if len(cache) >= self._cache_limit:
-                        cache.clear()
-                    cache[word] = grams
-                out.extend(grams)
+            for entry in entries:
+                out.extend(entry.chars)
                 if len(out) >= limit:
                     break
         return out[:limit]
+
+    def _word(self, word: str) -> _Word:
+        """What one word contributes, memoised: product names reuse a small vocabulary."""
+        cache = self._word_cache
+        entry = cache.get(word)
+        if entry is None:
+            encoded = word.encode("utf-8")
+            seeded = zlib.crc32(encoded, _WORD_SEED)
+            chars = self._char_ids(word) if self.char_ngrams[1] > 0 else []
+            entry = _Word(seeded, seeded % self._modulus + 1, b" " + encoded, chars)
+            if len(cache) >= self._cache_limit:
+                cache.clear()
+            cache[word] = entry
+        return entry
 
     def _char_ids(self, word: str) -> list[int]:
         """Character n-gram ids of one word wrapped in boundary markers ``<word>``."""
