@@ -88,7 +88,13 @@ def publish(model_dir: Path, url: str, version: int | None = None) -> Published:
         fs.put_file(str(path), destination)
     # Last: until the manifest is there, readers do not list the version.
     fs.put_file(str(Path(model_dir) / MANIFEST_NAME), posixpath.join(target, MANIFEST_NAME))
-    logger.info("published model set %s as version %d of %s (%d files)", manifest.version, number, url, len(files))
+    logger.info(
+        "published model set %s as version %d of %s (%d files and its manifest)",
+        manifest.version,
+        number,
+        url,
+        len(files),
+    )
     return Published(number, f"{url.rstrip('/')}/{number}", manifest.version, len(files) + 1)
 
 
