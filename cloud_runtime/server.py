@@ -14,7 +14,7 @@ from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Keyring, Sealer
 from tiergate.keys import apply_key_dir, load_keyring
-from tiergate.manifest import CLOUD_ROLES, load_manifest, newest_verified
+from tiergate.manifest import CLOUD_ROLES, newest_verified
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, serving_credentials
@@ -67,9 +67,9 @@ class CloudServer:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         # One built set, or a directory of numbered versions (as `tiergate models fetch` fills): its newest
         # version that verifies.
-        model_dir, _, _ = newest_verified(settings.models_dir, CLOUD_ROLES)
-        manifest = load_manifest(model_dir, roles=CLOUD_ROLES)
-        model = CloudModel.load(model_dir, manifest, intra_op_threads=settings.intra_op_threads)
+        chosen = newest_verified(settings.models_dir, CLOUD_ROLES)
+        manifest = chosen.manifest
+        model = CloudModel.load(chosen.path, manifest, intra_op_threads=settings.intra_op_threads)
         self.servicer = CloudInferenceServicer(
             model,
             self.sealer,

@@ -235,11 +235,6 @@ AUDITED_METHODS = (
 )
 
 
-def first_version(root: Path, roles: Sequence[str]) -> tuple[Path, str, dict[str, str]]:
-    """The directory and version to start with (see `tiergate.manifest.newest_verified`)."""
-    return newest_verified(root, roles)
-
-
 class GatewayServer:
     """Owns the tiers, the OIP servicer, the managed gRPC server, its boundary and telemetry of the gateway."""
 
@@ -265,8 +260,8 @@ class GatewayServer:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         in_process = tier_settings(settings, settings.chain[0]).kind == "edge" if settings.chain else False
         self._roles = [EDGE_VARIANT_ROLES["int8"]] if in_process else []
-        model_dir, version, refused = first_version(settings.models_dir, self._roles)
-        manifest = load_manifest(model_dir, roles=self._roles)
+        chosen = newest_verified(settings.models_dir, self._roles)
+        model_dir, version, refused, manifest = chosen.path, chosen.version, chosen.refused, chosen.manifest
         self.tiers = build_tiers(
             dataclasses.replace(settings, models_dir=model_dir), manifest, self.sealer, self.tracing, self.metrics
         )

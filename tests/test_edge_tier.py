@@ -30,6 +30,15 @@ class _Recording(EdgeTier):
         return super()._predict_sync(texts)
 
 
+async def _until_on_the_model(tier: _Recording) -> None:
+    """Wait (at most 5 s) until a call has reached the model."""
+    for _ in range(5000):
+        if tier.threads:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("no call reached the model")
+
+
 @pytest.fixture
 def texts(tiny_rows: list[tuple[str, str]]) -> list[str]:
     return [text for text, _ in tiny_rows[:40]]
@@ -54,8 +63,7 @@ async def test_while_the_worker_is_busy_small_calls_queue_behind_it(tiny_models:
     try:
         tier.release.clear()
         large = asyncio.ensure_future(tier.predict(texts[:20], None))
-        while not tier.threads:
-            await asyncio.sleep(0.001)
+        await _until_on_the_model(tier)
         small = asyncio.ensure_future(tier.predict(texts[:2], None))
         await asyncio.sleep(0.05)
         assert not small.done(), "the model never runs on two threads at once"
@@ -76,8 +84,7 @@ async def test_a_caller_that_goes_away_leaves_the_worker_call_counted_until_it_e
     try:
         tier.release.clear()
         call = asyncio.ensure_future(tier.predict(texts[:3], None))
-        while not tier.threads:
-            await asyncio.sleep(0.001)
+        await _until_on_the_model(tier)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call

@@ -145,15 +145,16 @@ async def test_broken_versions_are_refused_and_the_old_one_keeps_serving(
 def test_a_gateway_starts_on_the_newest_version_that_verifies(
     tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gateway.server import first_version
+    from tiergate.manifest import newest_verified
 
     root = versions_with_one(tmp_path, tiny_models)
     add_version(root, 7, tiny_models)
     corrupt_edge_file(add_version(root, 12, tiny_models))
     with caplog.at_level(logging.ERROR):
-        path, version, refused = first_version(root, [EDGE_VARIANT_ROLES["int8"]])
-    assert (path, version) == (root / "7", "7") and list(refused) == ["12"]
-    assert first_version(tiny_models, [EDGE_VARIANT_ROLES["int8"]]) == (tiny_models, "", {})
+        chosen = newest_verified(root, [EDGE_VARIANT_ROLES["int8"]])
+    assert (chosen.path, chosen.version) == (root / "7", "7") and list(chosen.refused) == ["12"]
+    single = newest_verified(tiny_models, [EDGE_VARIANT_ROLES["int8"]])
+    assert (single.path, single.version, single.refused) == (tiny_models, "", {})
 
 
 class Gate:

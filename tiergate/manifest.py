@@ -236,20 +236,31 @@ def numbered_versions(root: Path) -> list[tuple[int, Path]] | None:
     return sorted((int(path.name), path) for path in root.iterdir() if path.is_dir() and path.name.isdigit())
 
 
-def newest_verified(root: Path, roles: Collection[str] | None = None) -> tuple[Path, str, dict[str, str]]:
-    """The model set to serve from `root`: `root` itself when it is one built model (version ""), else its
-    newest numbered version whose files (`roles` only, if given) verify; with the versions refused on the way
-    and why. ManifestError when none verifies."""
+@dataclass(frozen=True)
+class ChosenSet:
+    """The model set a server starts on: its directory, its version ("" for a single built set), its verified
+    manifest, and the newer versions refused on the way, with why."""
+
+    path: Path
+    version: str
+    manifest: Manifest
+    refused: dict[str, str]
+
+
+def newest_verified(root: Path, roles: Collection[str] | None = None) -> ChosenSet:
+    """The model set to serve from `root`: `root` itself when it is one built model, else its newest numbered
+    version whose files (`roles` only, if given) verify. Each set's files are hashed once. ManifestError when none
+    verifies."""
     versions = numbered_versions(root)
     if versions is None:
-        return root, "", {}
+        return ChosenSet(root, "", load_manifest(root, roles=roles), {})
     refused: dict[str, str] = {}
     for number, path in reversed(versions):
         try:
-            load_manifest(path, roles=roles)
+            manifest = load_manifest(path, roles=roles)
         except ManifestError as error:
             refused[str(number)] = str(error)
             logger.error("model version %d in %s refused: %s", number, root, error)
             continue
-        return path, str(number), refused
+        return ChosenSet(path, str(number), manifest, refused)
     raise ManifestError(f"no version in {root} verifies ({'; '.join(refused.values()) or 'no numbered versions'})")
