@@ -140,6 +140,7 @@ async def test_the_gateway_batches_concurrent_requests_at_the_edge_and_each_gets
     start_stack: StackFactory, tiny_models: Path, tiny_rows: list[tuple[str, str]]
 ) -> None:
     def gather_20ms(gateway: GatewaySettings, cloud: CloudSettings) -> None:
+        gateway.batching.enabled = True  # off by default
         gateway.batching.max_queue_delay_us = 20_000
 
     stack = await start_stack(with_cloud=False, configure=gather_20ms)
@@ -194,11 +195,29 @@ async def test_up_to_max_inflight_batches_run_at_once_and_the_next_gathers_meanw
     await wait_until(lambda: batcher.inflight == 3, "three batches run")
     await asyncio.sleep(0.05)  # the bound holds while they run
     assert model.running == 3 and batcher.inflight == 3
-    assert batcher.queued_rows == 10 - 3 * 2, "rows past the in-flight bound wait in the queue"
+    # With no delay, each of the first three found the queue empty and a slot free: each runs alone at once.
+    assert batcher.queued_rows == 10 - 3, "rows past the in-flight bound wait in the queue"
     model.release.set()
     assert await asyncio.gather(*requests) == [[n * 2] for n in range(10)]
     assert model.most == 3
     assert all(len(batch) <= 2 for batch in model.batches)
+    await batcher.close()
+
+
+async def test_a_request_to_an_idle_batcher_runs_at_once_and_those_arriving_meanwhile_gather() -> None:
+    model = Gate()
+    stats: list[BatchStats] = []
+    batcher = DynamicBatcher(model.run, max_rows=8, max_delay_s=0.0, on_batch=stats.append)
+    first = asyncio.ensure_future(batcher.submit([1]))
+    await wait_until(lambda: model.running == 1, "the first request runs")
+    later = [asyncio.ensure_future(batcher.submit([n, n + 1])) for n in (10, 20, 30)]
+    await asyncio.sleep(0.02)
+    assert batcher.queued_rows == 6 and batcher.inflight == 1, "arrivals wait while the first runs"
+    model.release.set()
+    assert await first == [2]
+    assert await asyncio.gather(*later) == [[20, 22], [40, 42], [60, 62]]
+    assert model.batches == [[1], [10, 11, 20, 21, 30, 31]]
+    assert [(s.rows, s.requests) for s in stats] == [(1, 1), (6, 3)]
     await batcher.close()
 
 

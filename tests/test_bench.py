@@ -275,7 +275,7 @@ def test_the_relay_adds_its_delay_each_way_to_a_round_trip() -> None:
 
 
 def _perf_results() -> object:
-    from app.bench_perf import BARE, CASCADE, CLOUD_ONLY, GATEWAY, GATEWAY_UNBATCHED, PerfResults
+    from app.bench_perf import BARE, CASCADE, CLOUD_ONLY, GATEWAY, GATEWAY_BATCHED, PerfResults
 
     def row(p50: float, r16: float, r64: float, b32: float) -> dict[str, object]:
         return {
@@ -294,7 +294,7 @@ def _perf_results() -> object:
     results.servers = {
         BARE: row(0.5, 4000, 3800, 100_000),
         GATEWAY: row(0.6, 2000, 3000, 40_000),
-        GATEWAY_UNBATCHED: row(0.6, 1500, 1000, 30_000),
+        GATEWAY_BATCHED: row(0.6, 1500, 9000, 30_000),
         "KServe ModelServer 0.21.0": row(0.7, 1000, 1000, 50_000),
     }
     results.peers = {"kserve": "cached", "mlserver": "install failed, exit 1 (log: x)"}
@@ -345,7 +345,7 @@ def test_the_table_shows_ratios_to_the_bare_floor_and_the_json_is_strict() -> No
     assert isinstance(results, PerfResults)
     lines = performance_lines(results)
     assert lines[0].split()[:3] == ["server", "p50", "ms"]
-    gateway = next(line for line in lines if line.startswith("gateway edge, batching on"))
+    gateway = next(line for line in lines if line.startswith("gateway edge (default)"))
     assert gateway.split()[-4:] == ["1.20x", "0.50x", "0.79x", "0.40x"]
     assert gateway.split()[-6:-4] == ["300", "250"]
     assert any(line.startswith("cache, Zipf replay (s=1) of 100 requests over 500 names") for line in lines)

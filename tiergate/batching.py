@@ -4,7 +4,8 @@ Transport-free and model-free: a `DynamicBatcher` is handed the coroutine that r
 its worker thread, or one sealed call to a remote tier). Each request gets exactly its own rows back, in order.
 
 - A batch goes out when it reaches `max_rows`, when it reaches one of the preferred sizes, or when the oldest
-  request in it has waited `max_delay_s`; while `max_inflight` batches run, the next one gathers.
+  request in it has waited `max_delay_s`; while `max_inflight` batches run, the next one gathers. With no delay,
+  a request arriving to an empty queue and a free slot runs at once in its own task (a batch of itself).
 - A request whose deadline passes while queued is failed alone, with `TierDeadlineError`.
 - A failing batch of several requests is run again one request at a time, so a request whose rows fail the
   model fails alone and the others are answered (unless `rerun_alone` says the failure is not the rows').
@@ -94,6 +95,8 @@ class DynamicBatcher(Generic[T, R]):
         self._running: set[asyncio.Task[None]] = set()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
+        # Requests running at once in their own task (see `submit`): each holds a slot, as a batch does.
+        self._alone = 0
 
     @property
     def queued_rows(self) -> int:
@@ -103,7 +106,7 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def inflight(self) -> int:
         """Batches running now."""
-        return len(self._running)
+        return len(self._running) + self._alone
 
     async def submit(self, items: Sequence[T], deadline: float | None = None) -> list[R]:
         """The results for `items`, in order, once the batch holding them has run.
@@ -115,6 +118,10 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         if not items:
             return []
+        if self.max_delay_s == 0 and not self._queue and not self._slots.locked():
+            # Nothing queued, a slot free and no delay to gather in: the batch would be this request alone, so
+            # it runs here and now, without the hand-off to the worker (requests arriving meanwhile queue).
+            return await self._run_alone(list(items))
         entry: _Entry[T, R] = _Entry(list(items), deadline, loop.time())
         self._queue.append(entry)
         self._queued_rows += len(entry.items)
@@ -128,6 +135,20 @@ class DynamicBatcher(Generic[T, R]):
             entry.future.cancel()
             raise
 
+    async def _run_alone(self, items: list[T]) -> list[R]:
+        await self._slots.acquire()  # free: returns at once
+        self._alone += 1
+        try:
+            if self._on_batch is not None:
+                self._on_batch(BatchStats(rows=len(items), requests=1, waited_s=0.0))
+            results = await self._run(items)
+        finally:
+            self._alone -= 1
+            self._slots.release()
+        if len(results) != len(items):
+            raise RuntimeError(f"{self._name} returned {len(results)} results for {len(items)} rows")
+        return results
+
     async def close(self) -> None:
         """Refuse new requests, answer the queued ones and wait for the running batches, then stop."""
         self._closing = True
@@ -135,6 +156,11 @@ class DynamicBatcher(Generic[T, R]):
         if self._worker is not None:
             await self._worker
             self._worker = None
+        # Requests running alone finish too: every slot comes back.
+        for _ in range(self.max_inflight):
+            await self._slots.acquire()
+        for _ in range(self.max_inflight):
+            self._slots.release()
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
