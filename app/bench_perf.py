@@ -562,8 +562,8 @@ def bench_performance(models_dir: Path, data_dir: Path | None, keys_dir: Path, o
         f"server the same ones, fresh on each call until they run out (then they cycle; the cache is off, and "
         f"responses' cache_hits are summed to show it); gateway: `serve gateway --edge-only` (models "
         f"{manifest.version}, no client auth, metrics on, tracing off), as shipped (dynamic batching "
-        f"off) and with batching on (max_batch_rows 64, no added delay); the bare floor answers each row with the same canned outputs, "
-        f"as do the peers' do-nothing models"
+        f"off) and with batching on (max_batch_rows 64, no added delay); the bare floor answers each row with "
+        f"the same canned outputs, as do the peers' do-nothing models"
         + (
             "; peers: KServe ModelServer (1 worker, latency logging off; it binds all interfaces, called on "
             "127.0.0.1), MLServer (metrics, request logging and parallel workers off), each in its own venv "
