@@ -31,7 +31,7 @@ from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.constants import TIER_OUTPUT
 from tiergate.envelope import Keyring, Sealer
 from tiergate.errors import SealError
-from tiergate.manifest import load_manifest
+from tiergate.manifest import EDGE_VARIANT_ROLES, load_manifest
 from training.measure import Timing, percentile, time_calls
 
 # Tracing cost: rounds sent before timing starts, the resource attribute naming the setup, the 0.1 target.
@@ -73,11 +73,9 @@ def run_bench(
         f"{len(texts)} held-out texts; {calls} timed calls per row below (after warm-up)"
     )
     rows: list[tuple[str, float, Timing, Timing]] = []
-    for variant, artifact in (
-        ("int8", manifest.edge.onnx),
-        ("qdq", manifest.edge.qdq_onnx),
-        ("fp32", manifest.edge.fp32_onnx),
-    ):
+    files = manifest.artifact_files()
+    for variant in ("int8", "qdq", "fp32"):
+        artifact = files[EDGE_VARIANT_ROLES[variant]]
         edge = EdgeModel.load(models_dir, manifest, variant=variant)
         rows.append(
             (
@@ -92,7 +90,7 @@ def run_bench(
     rows.append(
         (
             "cloud fp32",
-            _size_mb(models_dir / manifest.cloud.onnx.path),
+            _size_mb(models_dir / files["cloud.onnx"].path),
             time_calls(cloud.predict, texts, 1, max(50, calls // 5)),
             time_calls(cloud.predict, texts, 32, max(5, calls // 50)),
         )

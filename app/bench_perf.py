@@ -245,7 +245,7 @@ def bench_raw_edge(models_dir: Path, texts: Sequence[str], calls: int) -> dict[s
         for batch, count in ((1, calls), (32, max(20, calls // 10))):
             batches = [[texts[(i * batch + j) % len(texts)] for j in range(batch)] for i in range(count)]
             measured[f"featurize+model b{batch}"] = time_rows(edge.predict, batches, batch)
-            features = [edge.featurizer.transform(rows) for rows in batches]
+            features = [edge.features(rows) for rows in batches]
             measured[f"model only b{batch}"] = time_rows(edge.backend.run, features, batch)
         return measured
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -9,12 +10,14 @@ import numpy as np
 
 @runtime_checkable
 class EdgeBackend(Protocol):
-    """Runs the edge graph: int32 ids [n, L] in, float32 logits [n, K] out."""
+    """Runs the edge graph: named input arrays in (hashed n-gram ids, token ids, or a tensor), one output out."""
 
     name: str
+    # Each graph input's name and ONNX type name, e.g. {"ids": "tensor(int32)"}: what the feeds must fill.
+    inputs: dict[str, str]
 
-    def run(self, ids: np.ndarray) -> np.ndarray:
-        """Logits for a batch of featurized rows."""
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The graph's output (logits or probabilities, as the manifest says) for a batch of rows."""
         ...
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""The edge tier model: featurizer + INT8 backend + temperature and routing signal from the manifest."""
+"""The edge tier model: its feeds (hashed n-grams, a tokenizer, or the tensor as sent), an INT8 backend, and the
+temperature and routing signal from the manifest."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.backend import EdgeBackend
-from tiergate.features import HashedNgramFeaturizer
-from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest
-from tiergate.scoring import Scored, score
+from tiergate.inputs import Feeds, Row, make_feeds
+from tiergate.manifest import EDGE_ROLES, EDGE_VARIANT_ROLES, Manifest, load_manifest
+from tiergate.scoring import Scored, as_logits, score
 
 BACKENDS = ("onnxruntime", "tensorrt")
 VARIANTS = tuple(EDGE_VARIANT_ROLES)
 
 
 class EdgeModel:
-    """Classifies texts on the edge and scores how confident it is."""
+    """Classifies rows on the edge and scores how confident it is."""
 
     def __init__(
         self,
@@ -26,13 +27,15 @@ class EdgeModel:
         signal: str,
         temperature: float,
         backend: EdgeBackend,
-        featurizer: HashedNgramFeaturizer,
+        features: Feeds,
+        scores: str = "logits",
     ) -> None:
         self.labels = labels
         self.signal = signal
         self.temperature = temperature
         self.backend = backend
-        self.featurizer = featurizer
+        self.features = features
+        self.scores = scores
 
     @classmethod
     def load(
@@ -53,10 +56,13 @@ class EdgeModel:
                 "TensorRT backend is not available in this build; use backend 'onnxruntime' "
                 "(TensorRT needs an NVIDIA GPU with the tensorrt and pycuda packages)"
             )
+        role = EDGE_VARIANT_ROLES[variant]
         if manifest is None:
-            manifest = load_manifest(model_dir, roles=[EDGE_VARIANT_ROLES[variant]])
+            manifest = load_manifest(model_dir, roles=[role, *EDGE_ROLES])
         spec = manifest.edge
-        artifact = manifest.artifact_files()[EDGE_VARIANT_ROLES[variant]]
+        artifact = manifest.artifact_files().get(role)
+        if artifact is None:
+            raise ValueError(f"this model has no {variant} edge file (only the served one was imported)")
         return cls.from_files(
             Path(model_dir) / artifact.path,
             featurizer_config=spec.featurizer,
@@ -64,38 +70,62 @@ class EdgeModel:
             signal=manifest.routing.signal,
             temperature=spec.temperature,
             intra_op_threads=intra_op_threads,
+            preprocess=spec.preprocess,
+            tokenizer_path=None if spec.tokenizer is None else Path(model_dir) / spec.tokenizer.path,
+            max_length=spec.max_length,
+            scores=spec.scores,
+            output_name=spec.output_name,
         )
 
     @classmethod
     def from_files(
         cls,
         onnx_path: Path,
-        featurizer_config: dict[str, Any],
+        featurizer_config: dict[str, Any] | None,
         labels: list[str],
         signal: str = "max_prob",
         temperature: float = 1.0,
         intra_op_threads: int = 1,
+        *,
+        preprocess: str = "ngrams",
+        tokenizer_path: Path | None = None,
+        max_length: int = 0,
+        scores: str = "logits",
+        output_name: str = "",
     ) -> EdgeModel:
         """An ONNX Runtime edge model from explicit parts (the build uses this before a manifest exists)."""
         from edge_runtime.onnx_backend import OnnxRuntimeBackend
 
+        backend = OnnxRuntimeBackend(Path(onnx_path), intra_op_threads=intra_op_threads, output_name=output_name)
+        try:
+            features = make_feeds(
+                preprocess,
+                backend.inputs,
+                featurizer=featurizer_config,
+                tokenizer_path=tokenizer_path,
+                max_length=max_length,
+            )
+        except ValueError as error:
+            backend.close()
+            raise ValueError(f"edge ONNX model {Path(onnx_path).name}: {error}") from None
         return cls(
             labels=list(labels),
             signal=signal,
             temperature=temperature,
-            backend=OnnxRuntimeBackend(Path(onnx_path), intra_op_threads=intra_op_threads),
-            featurizer=HashedNgramFeaturizer.from_config(featurizer_config),
+            backend=backend,
+            features=features,
+            scores=scores,
         )
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
+    def logits(self, rows: Sequence[Row]) -> np.ndarray:
         """float32 logits [n, K]."""
-        if len(texts) == 0:
+        if len(rows) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return self.backend.run(self.featurizer.transform(texts))
+        return as_logits(self.backend.run(self.features(rows)), self.scores, len(self.labels))
 
-    def predict(self, texts: Sequence[str]) -> Scored:
+    def predict(self, rows: Sequence[Row]) -> Scored:
         """Labels, their calibrated probabilities and the routing signal, under the manifest's temperature."""
-        return score(self.logits(texts), self.temperature, self.signal)
+        return score(self.logits(rows), self.temperature, self.signal)
 
     def close(self) -> None:
         """Release the backend."""

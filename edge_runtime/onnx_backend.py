@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +15,28 @@ logger = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:
-    """Runs the edge ONNX graph (input ``ids``, output ``logits``) on the CPU execution provider."""
+    """Runs an edge ONNX graph on the CPU execution provider and returns one of its outputs (`output_name`, or
+    the first)."""
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, intra_op_threads: int = 1) -> None:
+    def __init__(self, onnx_path: Path, intra_op_threads: int = 1, output_name: str = "") -> None:
         path = Path(onnx_path)
         self.path = path
         self._session: ort.InferenceSession | None = cpu_session(path, intra_op_threads, "edge ONNX")
-        inputs = self._session.get_inputs()
-        if [i.name for i in inputs] != ["ids"]:
-            raise ValueError(f"edge ONNX model {path.name} must take one input named 'ids'")
+        self.inputs = {i.name: i.type for i in self._session.get_inputs()}
+        outputs = [o.name for o in self._session.get_outputs()]
+        if output_name and output_name not in outputs:
+            raise ValueError(f"edge ONNX model {path.name} has no output {output_name!r}; it has {outputs}")
+        self._output = output_name or outputs[0]
         logger.info("edge backend onnxruntime loaded %s (%d intra-op threads)", path.name, intra_op_threads)
 
-    def run(self, ids: np.ndarray) -> np.ndarray:
-        """float32 logits [n, K] for int32 ids [n, L]."""
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The output for one batch of feeds (each input's array, first dimension the rows)."""
         if self._session is None:
             raise RuntimeError("OnnxRuntimeBackend is closed")
-        batch = np.ascontiguousarray(ids, dtype=np.int32)
-        if batch.ndim != 2:
-            raise ValueError(f"ids must be 2-D [n, L], got shape {batch.shape}")
-        (logits,) = self._session.run(["logits"], {"ids": batch})
-        return np.asarray(logits, dtype=np.float32)
+        (out,) = self._session.run([self._output], {name: np.ascontiguousarray(a) for name, a in feeds.items()})
+        return np.asarray(out)
 
     def close(self) -> None:
         """Drop the session; later ``run`` calls fail."""

@@ -129,9 +129,9 @@ def test_graph_and_manifest_must_agree_on_the_featurizer(tmp_path: Path) -> None
     fused = export_cloud_onnx(FusedCloudNet(deep, model, Fusion()), tmp_path / "fused.onnx")
     plain = export_cloud_onnx(deep, tmp_path / "plain.onnx")
     tok_path = save_tokenizer(tokenizer, tmp_path / "tokenizer.json", 16)
-    with pytest.raises(ValueError, match="takes ngram_ids but the manifest gives no cloud featurizer"):
+    with pytest.raises(ValueError, match="takes ngram_ids but the manifest gives no n-gram featurizer"):
         CloudModel.from_files(fused, tok_path, list("abcd"), 16)
-    with pytest.raises(ValueError, match="takes no ngram_ids but the manifest gives a cloud featurizer"):
+    with pytest.raises(ValueError, match="takes no ngram_ids but the manifest gives an n-gram featurizer"):
         CloudModel.from_files(plain, tok_path, list("abcd"), 16, featurizer_config=model.featurizer)
     plain_model = CloudModel.from_files(plain, tok_path, list("abcd"), 16)
     try:

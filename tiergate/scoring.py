@@ -72,3 +72,26 @@ def score(logits: np.ndarray, temperature: float, signal: str) -> Scored:
         probability=probs[np.arange(len(probs)), label_index].astype(np.float32),
         signal=confidence_from_probs(probs, signal),
     )
+
+
+def as_logits(raw: np.ndarray, scores: str, labels: int) -> np.ndarray:
+    """float32 logits [n, labels] from what a graph answers (`scores`): logits as they are, probabilities as their
+    logarithms, one probability (a binary model's positive label, the last label) as [log(1 - p), log(p)].
+    ValueError when the shape does not fit."""
+    array = np.asarray(raw, dtype=np.float32)
+    if scores == "probability":
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1 or labels != 2:
+            raise ValueError(f"a one-probability output is [n] or [n, 1] for two labels; got shape {list(raw.shape)}")
+        p = np.clip(array.astype(np.float64), 1e-7, 1.0 - 1e-7)
+        logits: np.ndarray = np.stack([np.log1p(-p), np.log(p)], axis=1).astype(np.float32)
+        return logits
+    if array.ndim != 2 or array.shape[1] != labels:
+        raise ValueError(f"the model answers shape {list(array.shape)}; expected [n, {labels}] for its {labels} labels")
+    if scores == "probabilities":
+        logs: np.ndarray = np.log(np.clip(array, 1e-7, None)).astype(np.float32)
+        return logs
+    if scores != "logits":
+        raise ValueError(f"unknown scores {scores!r}; expected logits, probabilities or probability")
+    return array

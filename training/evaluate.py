@@ -189,10 +189,13 @@ def evaluate(
             },
             "latency": latency,
             "sizes_bytes": {
-                "edge_int8": (model_dir / manifest.edge.onnx.path).stat().st_size,
-                "edge_qdq": (model_dir / manifest.edge.qdq_onnx.path).stat().st_size,
-                "edge_fp32": (model_dir / manifest.edge.fp32_onnx.path).stat().st_size,
-                "cloud_fp32": (model_dir / manifest.cloud.onnx.path).stat().st_size,
+                name: (model_dir / manifest.artifact_files()[role].path).stat().st_size
+                for name, role in (
+                    ("edge_int8", "edge.onnx"),
+                    ("edge_qdq", "edge.qdq_onnx"),
+                    ("edge_fp32", "edge.fp32_onnx"),
+                    ("cloud_fp32", "cloud.onnx"),
+                )
             },
             "routing": {
                 "signal": manifest.routing.signal,
