@@ -20,6 +20,7 @@ from gateway.cascade import Cascade, ChainRules, routing_signal
 from gateway.server import build_tiers, routing_policy
 from gateway.tier import Prediction, Tier
 from tiergate.envelope import Sealer
+from tiergate.inputs import Row
 from tiergate.keys import apply_key_dir, load_keyring
 from tiergate.manifest import load_manifest
 from tiergate.settings import GatewaySettings
@@ -51,7 +52,7 @@ class WanDelay:
         """The next call waits delay `index` of the script (both setups replay the same draws)."""
         self._next = index
 
-    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+    async def predict(self, texts: Sequence[Row], deadline: float | None) -> list[Prediction]:
         await asyncio.sleep(self._delays[self._next % len(self._delays)])
         return await self._inner.predict(texts, deadline)
 

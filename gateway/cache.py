@@ -17,12 +17,19 @@ from typing import Generic, TypeVar
 
 from cachetools import TTLCache
 
+from tiergate.inputs import Row, Vector
+
 V = TypeVar("V")
 _SPACE = re.compile(r"\s+", re.UNICODE)
 # Punctuation and symbols stripped from both ends (Unicode categories P* and S*); inside a query they stay.
 _EDGE_CLASSES = ("P", "S")
 # A key and its entry in the cache cost about this much besides the strings themselves.
 _ENTRY_OVERHEAD_BYTES = 200
+
+
+def cache_key(row: Row) -> str | bytes:
+    """A text's key is the text normalised; a tensor row's, its datatype, shape and bytes."""
+    return row.key if isinstance(row, Vector) else normalise(row)
 
 
 def normalise(text: str) -> str:
@@ -73,24 +80,26 @@ class ResponseCache(Generic[V]):
             self._entries.clear()
             self._version = version
 
-    def lookup(self, version: str, hint: str, texts: Sequence[str]) -> list[V | None]:
+    def lookup(self, version: str, hint: str, texts: Sequence[Row]) -> list[V | None]:
         """Per text, its cached answer or None."""
         self._check_version(version)
         found: list[V | None] = []
         for text in texts:
-            entry = self._entries.get((hint, normalise(text)))
+            entry = self._entries.get((hint, cache_key(text)))
             found.append(None if entry is None else entry[0])
         hits = sum(value is not None for value in found)
         self.hits += hits
         self.misses += len(found) - hits
         return found
 
-    def store(self, version: str, hint: str, texts: Sequence[str], values: Sequence[V]) -> None:
+    def store(self, version: str, hint: str, texts: Sequence[Row], values: Sequence[V]) -> None:
         """Keep `values` (final answers only: the caller filters) for `texts` under `version`."""
         self._check_version(version)
         for text, value in zip(texts, values, strict=True):
-            key = (hint, normalise(text))
-            size = self._size_of(value) + len(key[1].encode("utf-8")) + _ENTRY_OVERHEAD_BYTES
+            key = (hint, cache_key(text))
+            raw = key[1]
+            size = self._size_of(value) + len(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
+            size += _ENTRY_OVERHEAD_BYTES
             if size > self._entries.maxsize:
                 continue  # larger than the whole cache: not kept
             if key not in self._entries:

@@ -25,6 +25,8 @@ from gateway.routing import Hint, Reason, RoutingPolicy
 from gateway.tier import Prediction, Tier
 from tiergate.audit import audit_detail
 from tiergate.errors import TierDeadlineError, TierUnavailableError
+from tiergate.inputs import Row
+from tiergate.manifest import TEXT_INPUT, InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ class CascadeResult:
     rows: list[RowAnswer]
     # True when a later tier failed and earlier answers were returned in its place.
     degraded: bool = False
-    # Per row, the text the boundary policy lets a remote tier see (redacted), or None: the row stays private.
-    outbound: Sequence[str | None] = ()
+    # Per row, what the boundary policy lets a remote tier see (a text redacted), or None: the row stays private.
+    outbound: Sequence[Row | None] = ()
     # Rows answered from the response cache.
     cache_hits: int = 0
 
@@ -72,7 +74,7 @@ class CascadeResult:
 
 @dataclass
 class _Row:
-    text: str
+    text: Row
     policy: BoundaryPolicy
     start: int
     reasons: list[Reason] = field(default_factory=list)
@@ -95,7 +97,7 @@ class _Row:
         return self._decision
 
 
-class _Outbound(Sequence[str | None]):
+class _Outbound(Sequence[Row | None]):
     """Per row, the text the boundary policy lets a remote tier see (None: the row stays private), each row
     decided on first use."""
 
@@ -106,10 +108,10 @@ class _Outbound(Sequence[str | None]):
         return len(self._rows)
 
     @overload
-    def __getitem__(self, index: int) -> str | None: ...
+    def __getitem__(self, index: int) -> Row | None: ...
     @overload
-    def __getitem__(self, index: slice) -> Sequence[str | None]: ...
-    def __getitem__(self, index: int | slice) -> str | Sequence[str | None] | None:
+    def __getitem__(self, index: slice) -> Sequence[Row | None]: ...
+    def __getitem__(self, index: int | slice) -> Row | Sequence[Row | None] | None:
         if isinstance(index, slice):
             return [row.decision.outbound for row in self._rows[index]]
         return self._rows[index].decision.outbound
@@ -181,7 +183,7 @@ class Cascade:
         later = self.tiers[1:]
         return not (self.rules.fail_closed and later) or any(tier.ready() for tier in later)
 
-    async def infer(self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
+    async def infer(self, texts: Sequence[Row], hint: Hint = Hint.AUTO, deadline: float | None = None) -> CascadeResult:
         rows = []
         # The one place the boundary policy is applied: nothing reaches a remote tier but `row.decision.outbound`
         # (each row is examined when it first may leave).
@@ -399,7 +401,7 @@ def _refusal(short: list[_Row]) -> TierUnavailableError | TierDeadlineError:
     )
 
 
-def _outbound(row: _Row) -> str:
+def _outbound(row: _Row) -> Row:
     """The text a remote tier is sent for `row`; `_route` never hands it a private row."""
     if row.decision.outbound is None:
         raise RuntimeError("a private row was routed to a remote tier")
@@ -420,11 +422,13 @@ class TieredModel:
         drift: DriftWatch | None = None,
         owned: Sequence[Tier] = (),
         cache: ResponseCache[RowAnswer] | None = None,
+        input_spec: InputSpec = TEXT_INPUT,
     ) -> None:
         """`owned`: the tiers this version alone uses (its edge model), closed when the version retires; the
         rest (remote tiers) are shared with the versions before and after it. `cache`: this version's response
-        cache (each version has its own, so a new version starts empty)."""
+        cache (each version has its own, so a new version starts empty). `input_spec`: what callers send it."""
         self.name = name
+        self.input = input_spec
         self.cache = cache
         self._owned = list(owned)
         self._active = 0
@@ -447,7 +451,7 @@ class TieredModel:
         return self.cascade.ready()
 
     async def _infer_cached(
-        self, cache: ResponseCache[RowAnswer], texts: Sequence[str], hint: Hint, deadline: float | None
+        self, cache: ResponseCache[RowAnswer], texts: Sequence[Row], hint: Hint, deadline: float | None
     ) -> CascadeResult:
         """Rows found in `cache` are answered from it; the rest run the cascade, and its final answers are kept.
 
@@ -481,7 +485,7 @@ class TieredModel:
         if not hits:
             return computed
         rows = list(found)
-        outbound: list[str | None] = [None] * len(texts)  # cached rows are not offered to the drift watch
+        outbound: list[Row | None] = [None] * len(texts)  # cached rows are not offered to the drift watch
         for index, row, text in zip(misses, computed.rows, computed.outbound, strict=True):
             rows[index], outbound[index] = row, text
         merged = [row for row in rows if row is not None]
@@ -502,7 +506,7 @@ class TieredModel:
             await tier.close()
 
     async def infer(
-        self, texts: Sequence[str], hint: Hint = Hint.AUTO, deadline: float | None = None, *, use_cache: bool = True
+        self, texts: Sequence[Row], hint: Hint = Hint.AUTO, deadline: float | None = None, *, use_cache: bool = True
     ) -> CascadeResult:
         started = time.perf_counter()
         self._active += 1

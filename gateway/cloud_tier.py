@@ -24,6 +24,8 @@ from tiergate.batching import DynamicBatcher
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import SealError, TierDeadlineError, TierUnavailableError
+from tiergate.hop_rows import pack_rows
+from tiergate.inputs import Row
 from tiergate.logs import REQUEST_ID
 from tiergate.replay import FreshnessCheck
 from tiergate.settings import BreakerSettings, HopBatchingSettings, ReplaySettings
@@ -123,7 +125,7 @@ class _Caller:
 
 @dataclass(frozen=True, slots=True)
 class _Row:
-    text: str
+    text: Row
     caller: _Caller
 
 
@@ -237,7 +239,7 @@ class CloudTier:
         self._metrics.breaker_state.labels(tier=self.name).set(state)
         self._metrics.breaker_transitions.labels(tier=self.name, state=state.name.lower()).inc()
 
-    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+    async def predict(self, texts: Sequence[Row], deadline: float | None) -> list[Prediction]:
         timeout = self._timeout(deadline)
         if not self.breaker.allow():
             # Open: answer from the earlier tier at once rather than wait on a hop that keeps failing.
@@ -270,7 +272,7 @@ class CloudTier:
         self._latencies.append(asyncio.get_running_loop().time() - started)
         return predictions
 
-    async def _shared(self, texts: Sequence[str], timeout: float) -> list[Prediction]:
+    async def _shared(self, texts: Sequence[Row], timeout: float) -> list[Prediction]:
         """`texts` in a sealed call shared with concurrent requests; this caller waits `timeout` and no longer,
         while the call goes on for the others."""
         assert self._batcher is not None
@@ -295,12 +297,12 @@ class CloudTier:
         started = min(caller.queued_at for caller in callers)
         return await self._recorded(work, caller_bound=latest.caller_bound, started=started)
 
-    async def _call_in_chunks(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+    async def _call_in_chunks(self, texts: Sequence[Row], deadline: float | None) -> list[Prediction]:
         """A large escalation as sealed calls of at most `chunk_rows` rows, CHUNKS_IN_FLIGHT at a time, answers
         in order. The first failure fails it all and cancels the calls still running or waiting."""
         gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
-        async def one(chunk: Sequence[str]) -> list[Prediction]:
+        async def one(chunk: Sequence[Row]) -> list[Prediction]:
             async with gate:
                 return await self._call(chunk, self._timeout(deadline))
 
@@ -317,7 +319,7 @@ class CloudTier:
         return [prediction for chunk in answers for prediction in chunk]
 
     async def _call(
-        self, texts: Sequence[str], timeout: float, request_ids: Sequence[str] | None = None
+        self, texts: Sequence[Row], timeout: float, request_ids: Sequence[str] | None = None
     ) -> list[Prediction]:
         """One sealed call; `request_ids`: the gateway requests whose rows it carries (default: the current)."""
         hop_id = uuid.uuid4().hex
@@ -330,9 +332,8 @@ class CloudTier:
             logger.debug("hop call %s carries %d rows of %d requests: %s", hop_id, len(texts), len(ids), ids)
         self._metrics.hop_call_rows.labels(tier=self.name).observe(len(texts))
         self._metrics.hop_call_requests.labels(tier=self.name).observe(len(ids))
-        plain = cloud_pb2.CloudInferRequest(
-            model_name=self._model_name, texts=list(texts), gateway_request_id=gateway_request_id
-        )
+        plain = cloud_pb2.CloudInferRequest(model_name=self._model_name, gateway_request_id=gateway_request_id)
+        pack_rows(plain, texts)
         with timed_span(self._tracer, "tiergate.seal", {"tiergate.tier": self.name}) as span:
             envelope = self._sealer.seal(plain, request_id=hop_id, direction="request")
             span.set_attributes(

@@ -1,4 +1,5 @@
-"""The one converter between Open Inference Protocol v2 messages and the gateway's text batches."""
+"""The one converter between Open Inference Protocol v2 messages and the gateway's batches of rows: texts for a
+text model, tensor rows (typed or raw contents, as OIP allows) for a tensor model."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from tiergate.constants import (
     CONFIDENCE_OUTPUT,
     DEGRADED_PARAMETER,
     HINT_PARAMETER,
-    INPUT_DATATYPE,
     INPUT_NAME,
     LABEL_OUTPUT,
     OUTPUTS,
@@ -29,6 +29,9 @@ from tiergate.constants import (
     TIER_OUTPUT,
 )
 from tiergate.errors import InvalidInputError, RequestTooLargeError
+from tiergate.hop_rows import NUMPY_TYPES
+from tiergate.inputs import Row, Vector
+from tiergate.manifest import TEXT_INPUT, InputSpec
 from tiergate.settings import LimitSettings
 
 PLATFORM = "tiergate_tiered"
@@ -37,9 +40,9 @@ _LENGTH = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class TextBatch:
-    """A decoded inference request: one text per row plus what the response must look like."""
+    """A decoded inference request: its rows (texts, or tensor rows) plus what the response must look like."""
 
-    texts: list[str]
+    texts: list[Row]
     request_id: str = ""
     hint: Hint = Hint.AUTO
     # Mirror the caller: raw_input_contents in, raw_output_contents out.
@@ -49,28 +52,28 @@ class TextBatch:
     use_cache: bool = True
 
 
-def _split_raw_bytes(raw: bytes) -> list[bytes]:
+def _split_raw_bytes(raw: bytes, name: str = INPUT_NAME) -> list[bytes]:
     items: list[bytes] = []
     offset = 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise InvalidInputError(f"raw contents of input {INPUT_NAME!r} end inside a 4-byte length prefix")
+            raise InvalidInputError(f"raw contents of input {name!r} end inside a 4-byte length prefix")
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise InvalidInputError(f"raw contents of input {INPUT_NAME!r}: element {len(items)} overruns the buffer")
+            raise InvalidInputError(f"raw contents of input {name!r}: element {len(items)} overruns the buffer")
         items.append(raw[offset : offset + length])
         offset += length
     return items
 
 
-def _rows(shape: Sequence[int]) -> int:
+def _rows(shape: Sequence[int], name: str = INPUT_NAME) -> int:
     dims = list(shape)
     if len(dims) == 1 or (len(dims) == 2 and dims[1] == 1):
         if dims[0] < 0:
-            raise InvalidInputError(f"input {INPUT_NAME!r} has a negative dimension in shape {dims}")
+            raise InvalidInputError(f"input {name!r} has a negative dimension in shape {dims}")
         return dims[0]
-    raise InvalidInputError(f"input {INPUT_NAME!r} must have shape [N] or [N, 1], got {dims}")
+    raise InvalidInputError(f"input {name!r} must have shape [N] or [N, 1], got {dims}")
 
 
 def _hint(request: pb.ModelInferRequest) -> Hint:
@@ -109,55 +112,28 @@ def declared_rows(request: pb.ModelInferRequest) -> int:
     return max(1, int(request.inputs[0].shape[0]))
 
 
-def decode_request(request: pb.ModelInferRequest, limits: LimitSettings) -> TextBatch:
-    """Validate an OIP request for the text model and decode its rows (model name is checked by the caller)."""
+def decode_request(request: pb.ModelInferRequest, limits: LimitSettings, spec: InputSpec = TEXT_INPUT) -> TextBatch:
+    """Validate an OIP request for a model taking `spec` and decode its rows (the model name is checked by the
+    caller). Every refusal names the input the model expects."""
     names = [tensor.name for tensor in request.inputs]
-    if INPUT_NAME not in names:
-        raise InvalidInputError(
-            f"missing input {INPUT_NAME!r} ({INPUT_DATATYPE}, shape [N]); got {names or 'no inputs'}"
-        )
+    if spec.name not in names:
+        sent = ", ".join(f"{t.name!r} ({t.datatype or 'no datatype'})" for t in request.inputs) or "no inputs"
+        raise InvalidInputError(f"missing input {spec.name!r}: this model takes {spec.describe()}; got {sent}")
     if len(names) != 1:
-        extra = [name for name in names if name != INPUT_NAME] or names[1:]
-        raise InvalidInputError(f"unexpected inputs {extra}; this model takes only {INPUT_NAME!r}")
+        extra = [name for name in names if name != spec.name] or names[1:]
+        raise InvalidInputError(f"unexpected inputs {extra}; this model takes only {spec.describe()}")
     tensor = request.inputs[0]
-    if tensor.datatype != INPUT_DATATYPE:
+    if tensor.datatype != spec.datatype:
         raise InvalidInputError(
-            f"input {INPUT_NAME!r} must have datatype {INPUT_DATATYPE}, got {tensor.datatype or 'none'!r}"
+            f"input {spec.name!r} must have datatype {spec.datatype}, got {tensor.datatype or 'none'!r}; "
+            f"this model takes {spec.describe()}"
         )
-    rows = _rows(tensor.shape)
-    if rows == 0:
-        raise InvalidInputError(f"input {INPUT_NAME!r} is an empty batch; send at least one row")
-    if rows > limits.max_batch_rows:
-        raise RequestTooLargeError(f"batch of {rows} rows exceeds the limit of {limits.max_batch_rows}; split it")
-
     raw = bool(request.raw_input_contents)
     if raw and tensor.HasField("contents"):
         raise InvalidInputError("send input data in either contents or raw_input_contents, not both")
-    if raw:
-        if len(request.raw_input_contents) != 1:
-            raise InvalidInputError(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
-        items = _split_raw_bytes(request.raw_input_contents[0])
-    else:
-        items = list(tensor.contents.bytes_contents)
-    if len(items) != rows:
-        raise InvalidInputError(
-            f"input {INPUT_NAME!r} has shape {list(tensor.shape)} but carries {len(items)} elements"
-        )
-
-    texts = []
-    for row, item in enumerate(items):
-        if len(item) > limits.max_text_bytes:
-            raise InvalidInputError(
-                f"row {row} is {len(item)} bytes; the limit is {limits.max_text_bytes} bytes per row"
-            )
-        try:
-            text = item.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInputError(f"row {row} of input {INPUT_NAME!r} is not valid UTF-8") from None
-        if not text.strip():
-            raise InvalidInputError(f"row {row} of input {INPUT_NAME!r} is empty")
-        texts.append(text)
-
+    if raw and len(request.raw_input_contents) != 1:
+        raise InvalidInputError(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
+    texts = _decode_texts(request, tensor, limits, spec) if spec.text else _decode_tensor(request, tensor, limits, spec)
     outputs = [out.name for out in request.outputs] or list(OUTPUTS)
     unknown = [name for name in outputs if name not in OUTPUTS]
     if unknown:
@@ -170,6 +146,78 @@ def decode_request(request: pb.ModelInferRequest, limits: LimitSettings) -> Text
         outputs=outputs,
         use_cache=_use_cache(request),
     )
+
+
+def _check_rows(rows: int, name: str, limits: LimitSettings) -> None:
+    if rows == 0:
+        raise InvalidInputError(f"input {name!r} is an empty batch; send at least one row")
+    if rows > limits.max_batch_rows:
+        raise RequestTooLargeError(f"batch of {rows} rows exceeds the limit of {limits.max_batch_rows}; split it")
+
+
+def _decode_texts(
+    request: pb.ModelInferRequest, tensor: pb.ModelInferRequest.InferInputTensor, limits: LimitSettings, spec: InputSpec
+) -> list[Row]:
+    name = spec.name
+    rows = _rows(tensor.shape, name)
+    _check_rows(rows, name, limits)
+    if request.raw_input_contents:
+        items = _split_raw_bytes(request.raw_input_contents[0], name)
+    else:
+        items = list(tensor.contents.bytes_contents)
+    if len(items) != rows:
+        raise InvalidInputError(f"input {name!r} has shape {list(tensor.shape)} but carries {len(items)} elements")
+    texts: list[Row] = []
+    for row, item in enumerate(items):
+        if len(item) > limits.max_text_bytes:
+            raise InvalidInputError(
+                f"row {row} is {len(item)} bytes; the limit is {limits.max_text_bytes} bytes per row"
+            )
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"row {row} of input {name!r} is not valid UTF-8") from None
+        if not text.strip():
+            raise InvalidInputError(f"row {row} of input {name!r} is empty")
+        texts.append(text)
+    return texts
+
+
+# Where typed contents carry each tensor datatype.
+_TYPED_FIELDS = {"FP32": "fp32_contents", "INT64": "int64_contents"}
+
+
+def _decode_tensor(
+    request: pb.ModelInferRequest, tensor: pb.ModelInferRequest.InferInputTensor, limits: LimitSettings, spec: InputSpec
+) -> list[Row]:
+    name, shape = spec.name, [int(dim) for dim in tensor.shape]
+    if len(shape) != len(spec.shape) or tuple(shape[1:]) != spec.row_shape or shape[0] < 0:
+        raise InvalidInputError(f"input {name!r} has shape {shape}; this model takes {spec.describe()}")
+    _check_rows(shape[0], name, limits)
+    dtype = NUMPY_TYPES[spec.datatype]
+    count = int(np.prod(shape))
+    if request.raw_input_contents:
+        data = request.raw_input_contents[0]
+        if len(data) != count * dtype.itemsize:
+            raise InvalidInputError(
+                f"raw contents of input {name!r} hold {len(data)} bytes; shape {shape} of {spec.datatype} needs "
+                f"{count * dtype.itemsize}"
+            )
+        array = np.frombuffer(data, dtype=dtype)
+    else:
+        field_name = _TYPED_FIELDS[spec.datatype]
+        others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field_name]
+        if others:
+            raise InvalidInputError(f"input {name!r} is {spec.datatype}: send its values in {field_name}, not {others}")
+        values = getattr(tensor.contents, field_name)
+        if len(values) != count:
+            raise InvalidInputError(f"input {name!r} has shape {shape} but carries {len(values)} values")
+        array = np.asarray(values, dtype=dtype)
+    array = array.reshape(shape)
+    if spec.datatype == "FP32" and not np.isfinite(array).all():
+        row = int(np.argwhere(~np.isfinite(array))[0][0])
+        raise InvalidInputError(f"row {row} of input {name!r} holds NaN or infinity")
+    return [Vector(values) for values in array]
 
 
 def _bytes_raw(values: Sequence[bytes]) -> bytes:
@@ -227,13 +275,13 @@ def encode_response(
 
 
 def encode_metadata(model: TieredModel, versions: Sequence[str] = ()) -> pb.ModelMetadataResponse:
-    """The OIP model metadata: the versions on disk (the serving one if none are numbered), one BYTES input of
-    shape [-1] and the outputs, in response order."""
+    """The OIP model metadata: the versions on disk (the serving one if none are numbered), the model's input
+    (BYTES of shape [-1], or its tensor) and the outputs, in response order."""
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=model.name,
         versions=[version for version in versions if version] or [model.version],
         platform=PLATFORM,
-        inputs=[tensor(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[-1])],
+        inputs=[tensor(name=model.input.name, datatype=model.input.datatype, shape=model.input.shape)],
         outputs=[tensor(name=name, datatype=datatype, shape=[-1]) for name, datatype in OUTPUTS.items()],
     )

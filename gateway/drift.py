@@ -24,6 +24,7 @@ from typing import Any
 from gateway.metrics import GatewayMetrics
 from gateway.tier import Tier
 from tiergate.errors import TierDeadlineError, TierUnavailableError
+from tiergate.inputs import Row, Vector
 from tiergate.settings import DriftSettings
 from tiergate.tasks import cancel_and_wait
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class Sample:
     """One row the edge answered, waiting for the reference tier's opinion."""
 
-    text: str
+    text: Row
     edge_label: str
     confidence: float
 
@@ -50,9 +51,10 @@ class Comparison:
         return self.edge_label == self.cloud_label
 
 
-def text_hash(text: str) -> str:
-    """The key a feedback record carries instead of the text (sha256 of the UTF-8 bytes)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def text_hash(text: Row) -> str:
+    """The key a feedback record carries instead of the row: sha256 of a text's UTF-8 bytes, or of a tensor
+    row's datatype, shape and bytes."""
+    return hashlib.sha256(text.key if isinstance(text, Vector) else text.encode("utf-8")).hexdigest()
 
 
 class AgreementWindow:
@@ -146,7 +148,7 @@ class DriftWatch:
     def enabled(self) -> bool:
         return self.settings.sample_rate > 0.0
 
-    def offer(self, texts: Sequence[str | None], answers: Sequence[tuple[str, float, bool]]) -> None:
+    def offer(self, texts: Sequence[Row | None], answers: Sequence[tuple[str, float, bool]]) -> None:
         """Consider one answered request: per row the text that may leave the private side (None: it may not)
         and (label, confidence, confident); never blocks.
 
@@ -259,7 +261,8 @@ class DriftWatch:
                 "agree": comparison.agree,
             }
             if self.settings.record_text:
-                record["text"] = sample.text
+                text = sample.text
+                record["text"] = text.values.tolist() if isinstance(text, Vector) else text
             lines.append(json.dumps(record, ensure_ascii=False))
         path = Path(self._record)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from edge_runtime.model import EdgeModel
 from gateway.metrics import GatewayMetrics
 from gateway.tier import Prediction
 from tiergate.batching import DynamicBatcher
+from tiergate.inputs import Row
 from tiergate.manifest import Manifest
 from tiergate.settings import BatchingSettings
 
@@ -48,7 +49,7 @@ class EdgeTier:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge")
         self._closed = False
         # With batching, rows of concurrent requests share one model call; without, each request is one call.
-        self._batcher: DynamicBatcher[str, Prediction] | None = None
+        self._batcher: DynamicBatcher[Row, Prediction] | None = None
         if batching is not None and batching.enabled:
             self._batcher = DynamicBatcher(
                 self._run_batch,
@@ -90,7 +91,7 @@ class EdgeTier:
     def model(self) -> EdgeModel:
         return self._model
 
-    def _predict_sync(self, texts: Sequence[str]) -> list[Prediction]:
+    def _predict_sync(self, texts: Sequence[Row]) -> list[Prediction]:
         scored = self._model.predict(texts)
         labels = self._model.labels
         return [
@@ -98,7 +99,7 @@ class EdgeTier:
             for index, probability, signal in zip(scored.label_index, scored.probability, scored.signal, strict=True)
         ]
 
-    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
+    async def predict(self, texts: Sequence[Row], deadline: float | None) -> list[Prediction]:
         if self._batcher is None:
             self._batch_rows.observe(len(texts))
         attributes: dict[str, AttributeValue] = {
@@ -112,12 +113,12 @@ class EdgeTier:
                 return await self._batcher.submit(texts, deadline)
             return await self._call(list(texts))
 
-    async def _run_batch(self, texts: list[str]) -> list[Prediction]:
+    async def _run_batch(self, texts: list[Row]) -> list[Prediction]:
         """One model call for a batch the batcher gathered."""
         self._batch_rows.observe(len(texts))
         return await self._call(texts)
 
-    async def _call(self, texts: list[str]) -> list[Prediction]:
+    async def _call(self, texts: list[Row]) -> list[Prediction]:
         if len(texts) <= self._inline_rows and not self._on_worker:
             return self._predict_sync(texts)
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._predict_sync, texts)

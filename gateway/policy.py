@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
+from tiergate.inputs import Row
 from tiergate.settings import PolicySettings
 
 _V = TypeVar("_V")
@@ -87,8 +88,8 @@ class Decision:
     """What may leave the private side for one row."""
 
     findings: tuple[Finding, ...]
-    # The text a remote tier may be sent (redacted under `redact`); None: the row stays private.
-    outbound: str | None
+    # The row a remote tier may be sent (a text redacted under `redact`); None: the row stays private.
+    outbound: Row | None
 
     @property
     def private(self) -> bool:
@@ -271,8 +272,11 @@ class BoundaryPolicy:
         """`text` with every finding replaced by its kind's placeholder, e.g. `[EMAIL]`."""
         return self._redacted(text, self.find(text))
 
-    def decide(self, text: str) -> Decision:
-        """What of one row may leave the private side under this policy."""
+    def decide(self, text: Row) -> Decision:
+        """What of one row may leave the private side under this policy. A tensor row holds numbers, not text:
+        the policy finds nothing in it, and it leaves as it is."""
+        if not isinstance(text, str):
+            return Decision((), text)
         # Every kind needs a digit or an "@": most product names have neither, and need no closer look.
         findings = tuple(self.find(text)) if _CANDIDATE.search(text) else ()
         if not findings:

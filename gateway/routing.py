@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from tiergate.inputs import Row
+
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
@@ -65,7 +67,7 @@ class RoutingPolicy:
     def effective_hint(self, hint: Hint) -> Hint:
         return hint if self.allow_client_hint else Hint.AUTO
 
-    def heavy_reasons(self, texts: Sequence[str], hint: Hint) -> list[tuple[Reason, ...]]:
+    def heavy_reasons(self, texts: Sequence[Row], hint: Hint) -> list[tuple[Reason, ...]]:
         """Per row, the reasons to skip the first tier (empty tuple: start at the first tier)."""
         hint = self.effective_hint(hint)
         if hint is Hint.EDGE:
@@ -76,7 +78,8 @@ class RoutingPolicy:
         if len(texts) > self.max_edge_batch:
             batch_reasons += (Reason.LARGE_BATCH,)
         return [
-            batch_reasons + ((Reason.LONG_INPUT,) if count_tokens(text) > self.max_edge_tokens else ())
+            batch_reasons
+            + ((Reason.LONG_INPUT,) if isinstance(text, str) and count_tokens(text) > self.max_edge_tokens else ())
             for text in texts
         ]
 

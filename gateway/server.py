@@ -1,4 +1,5 @@
-"""Assembles the gateway process from settings: model manifest, tier chain, routing policy and the gRPC server."""
+"""Assembles the gateway process from settings: the model repository (each model's manifest, tier chain and
+routing policy) and the gRPC server."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,7 @@ from gateway.tier import Tier
 from proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from tiergate.envelope import Keyring, Sealer
 from tiergate.keys import apply_key_dir, load_keyring
-from tiergate.manifest import EDGE_VARIANT_ROLES, Manifest, load_manifest, newest_verified
+from tiergate.manifest import EDGE_ROLES, Manifest, load_manifest, model_directories, newest_verified
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, require_tls_or_insecure
@@ -51,8 +52,10 @@ SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceServic
 
 
 def routing_policy(settings: GatewaySettings, manifest: Manifest) -> RoutingPolicy:
-    """Settings override the threshold calibrated into the manifest."""
+    """Settings override the threshold calibrated into the manifest; the manifest's own heavy-request rules
+    override the settings'."""
     routing = settings.routing
+    rules = manifest.routing
     if routing.signal is not None and routing.signal != manifest.routing.signal:
         raise ValueError(
             f"routing signal {routing.signal!r} differs from the calibrated {manifest.routing.signal!r}; "
@@ -60,8 +63,8 @@ def routing_policy(settings: GatewaySettings, manifest: Manifest) -> RoutingPoli
         )
     return RoutingPolicy(
         threshold=first_threshold(settings, manifest),
-        max_edge_tokens=routing.max_edge_tokens,
-        max_edge_batch=routing.max_edge_batch,
+        max_edge_tokens=routing.max_edge_tokens if rules.max_edge_tokens is None else rules.max_edge_tokens,
+        max_edge_batch=routing.max_edge_batch if rules.max_edge_batch is None else rules.max_edge_batch,
         allow_client_hint=routing.allow_client_hint,
         signal=manifest.routing.signal,
         deadline_reserve_s=routing.deadline_reserve_s,
@@ -162,8 +165,10 @@ def build_tiers(
     sealer: Sealer | None,
     tracing: Tracing | None = None,
     metrics: GatewayMetrics | None = None,
+    model_name: str | None = None,
 ) -> list[Tier]:
-    """The chain's tiers; remote tiers seal with `sealer` over mTLS (or plaintext if hop_insecure)."""
+    """The chain's tiers for model `model_name` (default: settings.model_name); remote tiers seal with `sealer`
+    over mTLS (or plaintext if hop_insecure)."""
     tracing = tracing or Tracing.from_settings(settings.tracing, "tiergate-gateway")
     if not settings.chain:
         raise ValueError("the tier chain is empty: set gateway.chain, e.g. ['edge', 'cloud']")
@@ -198,7 +203,7 @@ def build_tiers(
             CloudTier(
                 entry.target,
                 sealer,
-                model_name=settings.model_name,
+                model_name=model_name or settings.model_name,
                 name=name,
                 timeout_s=settings.cloud_timeout_s if entry.timeout_s is None else entry.timeout_s,
                 max_message_bytes=settings.limits.max_message_bytes,
@@ -259,31 +264,41 @@ class GatewayServer:
         if self.sealer is not None and from_file:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
         in_process = tier_settings(settings, settings.chain[0]).kind == "edge" if settings.chain else False
-        self._roles = [EDGE_VARIANT_ROLES["int8"]] if in_process else []
-        chosen = newest_verified(settings.models_dir, self._roles)
-        model_dir, version, refused, manifest = chosen.path, chosen.version, chosen.refused, chosen.manifest
-        self.tiers = build_tiers(
-            dataclasses.replace(settings, models_dir=model_dir), manifest, self.sealer, self.tracing, self.metrics
-        )
-        self._watch_hop_certificates(settings.hop_tls)
-        # The watch compares the first tier's confident answers with the last tier's; one tier has no reference.
-        self.drift = (
-            DriftWatch(
-                settings.drift,
-                self.tiers[-1],
-                model=settings.model_name,
-                model_version=manifest.version,
-                metrics=self.metrics,
-                expected_agreement=manifest.routing.calibration.get("confident_agreement"),
+        self._roles = list(EDGE_ROLES) if in_process else []
+        # Each model of the repository gets its own chain (its edge model, and its own hop to each remote tier,
+        # which asks for that model), its own routing, drift watch and versions.
+        self.chains: dict[str, list[Tier]] = {}
+        self.drifts: dict[str, DriftWatch] = {}
+        served: list[ModelVersions] = []
+        for name, root in model_directories(settings.models_dir, settings.model_name).items():
+            chosen = newest_verified(root, self._roles)
+            manifest = chosen.manifest
+            tiers = build_tiers(
+                dataclasses.replace(settings, models_dir=chosen.path),
+                manifest,
+                self.sealer,
+                self.tracing,
+                self.metrics,
+                model_name=name,
             )
-            if len(self.tiers) > 1
-            else None
-        )
-        owned = [self.tiers[0]] if isinstance(self.tiers[0], EdgeTier) else []
-        model = self._assemble(manifest, version or manifest.version, self.tiers, owned=owned)
-        versions = ModelVersions(settings.model_name, settings.models_dir, self._load_version, grace_s=settings.grace_s)
-        versions.start_with(model, refused)
-        self.repository = ModelRepository([versions], poll_s=settings.reload_poll_s)
+            self.chains[name] = tiers
+            if len(tiers) > 1:
+                # The watch compares the first tier's confident answers with the last tier's.
+                self.drifts[name] = DriftWatch(
+                    settings.drift,
+                    tiers[-1],
+                    model=name,
+                    model_version=manifest.version,
+                    metrics=self.metrics,
+                    expected_agreement=manifest.routing.calibration.get("confident_agreement"),
+                )
+            owned = [tiers[0]] if isinstance(tiers[0], EdgeTier) else []
+            model = self._assemble(name, manifest, chosen.version or manifest.version, tiers, owned=owned)
+            versions = ModelVersions(name, root, self._loader(name), grace_s=settings.grace_s)
+            versions.start_with(model, chosen.refused)
+            served.append(versions)
+        self._watch_hop_certificates(settings.hop_tls)
+        self.repository = ModelRepository(served, poll_s=settings.reload_poll_s)
         self.servicer = InferenceServicer(self.repository, settings.limits)
         self.clients = self._client_directory(settings.auth)
         inner: list[grpc.aio.ServerInterceptor] = []
@@ -306,7 +321,20 @@ class GatewayServer:
             credentials=server_credentials(settings.public_tls),
         )
 
-    def _assemble(self, manifest: Manifest, version: str, tiers: list[Tier], owned: Sequence[Tier] = ()) -> TieredModel:
+    @property
+    def tiers(self) -> list[Tier]:
+        """Every model's tiers (the first model's first), each once."""
+        return list({id(tier): tier for tiers in self.chains.values() for tier in tiers}.values())
+
+    @property
+    def drift(self) -> DriftWatch | None:
+        """The drift watch of the model named `model_name` (or of the only model), if it has one."""
+        name = self.settings.model_name if self.settings.model_name in self.chains else next(iter(self.chains))
+        return self.drifts.get(name)
+
+    def _assemble(
+        self, name: str, manifest: Manifest, version: str, tiers: list[Tier], owned: Sequence[Tier] = ()
+    ) -> TieredModel:
         """The served model of one version: its tiers under the routing that version was calibrated with."""
         settings = self.settings
         cascade = Cascade(
@@ -317,21 +345,36 @@ class GatewayServer:
             rules=chain_rules(settings, manifest),
         )
         return TieredModel(
-            settings.model_name,
+            name,
             version,
             cascade,
             metrics=self.metrics,
             cost=cost_model(settings),
-            drift=self.drift,
+            drift=self.drifts.get(name),
             owned=owned,
             cache=response_cache(settings.cache),
+            input_spec=manifest.input,
         )
 
-    async def _load_version(self, model_dir: Path, version: str) -> TieredModel:
-        """A new version, verified and loaded off the event loop; it shares the remote tiers already open."""
+    def _loader(self, name: str) -> Callable[[Path, str], Awaitable[TieredModel]]:
+        async def load(model_dir: Path, version: str) -> TieredModel:
+            return await self._load_version(name, model_dir, version)
+
+        return load
+
+    async def _load_version(self, name: str, model_dir: Path, version: str) -> TieredModel:
+        """A new version of model `name`, verified and loaded off the event loop; it shares the remote tiers
+        already open."""
         manifest = await asyncio.to_thread(load_manifest, model_dir, True, self._roles)
         routing_policy(self.settings, manifest)  # a version whose routing cannot work is refused here
-        first = self.tiers[0]
+        tiers = self.chains[name]
+        serving = self.repository.versions(name).serving
+        if isinstance(serving, TieredModel) and manifest.input != serving.input:
+            raise ValueError(
+                f"version {version} takes {manifest.input.describe()} where the version serving takes "
+                f"{serving.input.describe()}: a new input is a new model name, or a restart"
+            )
+        first = tiers[0]
         if isinstance(first, EdgeTier):
             edge = await asyncio.to_thread(
                 EdgeTier.load,
@@ -344,8 +387,8 @@ class GatewayServer:
                 batching=self.settings.batching,
                 inline_rows=self.settings.edge_inline_rows,
             )
-            return self._assemble(manifest, version or manifest.version, [edge, *self.tiers[1:]], owned=[edge])
-        return self._assemble(manifest, version or manifest.version, self.tiers)
+            return self._assemble(name, manifest, version or manifest.version, [edge, *tiers[1:]], owned=[edge])
+        return self._assemble(name, manifest, version or manifest.version, tiers)
 
     def _watch_hop_certificates(self, tls: TlsSettings) -> None:
         """Renewed hop certificates (CA, ours) take effect for new calls without a restart."""
@@ -384,11 +427,11 @@ class GatewayServer:
         self.servicer.bound = (self.settings.host, port)
         if self.metrics_server is not None:
             self.metrics_server.start(self.settings.metrics.host, self.settings.metrics.port)
-        if self.drift is not None:
-            self.drift.start()
+        for drift in self.drifts.values():
+            drift.start()
         logger.info(
-            "gateway serving %r on %s:%d (%s public port, %s)",
-            self.settings.model_name,
+            "gateway serving %s on %s:%d (%s public port, %s)",
+            ", ".join(repr(name) for name in self.repository.names()),
             self.settings.host,
             port,
             "TLS" if self.managed.secure else "plaintext",
@@ -404,12 +447,15 @@ class GatewayServer:
         """Each tier's readiness as its own grpc.health.v1 service, `tiergate.tier.NAME`, kept current."""
         reported: dict[str, bool] = {}
         while True:
+            # A tier name several models use (each model has its own hop to `cloud`) is ready when all are.
+            readiness: dict[str, bool] = {}
             for tier in self.tiers:
-                ready = tier.ready()
-                if reported.get(tier.name) != ready:
+                readiness[tier.name] = readiness.get(tier.name, True) and tier.ready()
+            for name, ready in readiness.items():
+                if reported.get(name) != ready:
                     status = SERVING if ready else NOT_SERVING
-                    await self.managed.health.set(f"{TIER_HEALTH_PREFIX}{tier.name}", status)
-                    reported[tier.name] = ready
+                    await self.managed.health.set(f"{TIER_HEALTH_PREFIX}{name}", status)
+                    reported[name] = ready
             await asyncio.sleep(TIER_HEALTH_EVERY_S)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -417,8 +463,8 @@ class GatewayServer:
         health, self._tier_health = self._tier_health, None
         await cancel_and_wait(health)
         await self.managed.stop(self.settings.grace_s if grace_s is None else grace_s)
-        if self.drift is not None:
-            await self.drift.stop()
+        for drift in self.drifts.values():
+            await drift.stop()
         await self._close_tiers()
         await self.boundary.stop()
         if self.metrics_server is not None:

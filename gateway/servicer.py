@@ -162,9 +162,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # the codec says what is wrong with it (its checks stop before any per-row work).
         declared = declared_rows(request)
         if declared > self._limits.max_batch_rows:
-            decode_request(request, self._limits)
+            decode_request(request, self._limits, model.input)
         with self.admission.admit(declared):
-            batch = decode_request(request, self._limits)
+            batch = decode_request(request, self._limits, model.input)
             audit_detail(version=model.version, rows=len(batch.texts))
             remaining = context.time_remaining()
             deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining

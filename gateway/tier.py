@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tiergate.inputs import Row
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -18,12 +20,12 @@ class Prediction:
 
 
 class Tier(Protocol):
-    """Something that classifies texts: the in-process edge model or a remote cloud server."""
+    """Something that classifies rows (texts, or tensor rows): the in-process edge model or a remote server."""
 
     name: str
 
-    async def predict(self, texts: Sequence[str], deadline: float | None) -> list[Prediction]:
-        """Classify `texts`; `deadline` is an absolute `loop.time()` or None for no limit."""
+    async def predict(self, texts: Sequence[Row], deadline: float | None) -> list[Prediction]:
+        """Classify `texts` (the rows); `deadline` is an absolute `loop.time()` or None for no limit."""
         ...
 
     def ready(self) -> bool:

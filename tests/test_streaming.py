@@ -106,7 +106,8 @@ async def test_a_stream_answers_in_order_and_a_bad_request_fails_alone(start_sta
     answered = [r for r in responses if not r.error_message]
     assert [r.infer_response.id for r in answered] == [f"r{n}" for n in range(30)], "in request order"
     errors = [r.error_message for r in responses if r.error_message]
-    assert errors[0] == "INVALID_ARGUMENT: input 'text' must have datatype BYTES, got 'FP32'"
+    wanted = "INVALID_ARGUMENT: input 'text' must have datatype BYTES, got 'FP32'; "
+    assert errors[0] == wanted + "this model takes 'text' (BYTES, shape [-1])"
     assert errors[1] == ("NOT_FOUND: model 'no-such-model' is not served here; available models: product-category")
     assert errors[2] == f"INVALID_ARGUMENT: {UNDECODABLE_MESSAGE}"
     assert errors[3] == "RESOURCE_EXHAUSTED: batch of 65 rows exceeds the limit of 64; split it"
@@ -379,7 +380,10 @@ async def test_tritonclient_stream_unmodified(start_stack: StackFactory, key_dir
     replies = seen["stream"]
     assert len(replies) == 100, "every request answered"
     assert replies[40] == {
-        "error": "INVALID_ARGUMENT: input 'text' must have datatype BYTES, got 'FP32'",
+        "error": (
+            "INVALID_ARGUMENT: input 'text' must have datatype BYTES, got 'FP32'; "
+            "this model takes 'text' (BYTES, shape [-1])"
+        ),
         "status": None,
     }
     assert replies[41] == {

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,6 +409,34 @@ def numbered_versions(root: Path) -> list[tuple[int, Path]] | None:
     if not root.is_dir():
         raise ManifestError(f"model directory {root} does not exist; build one with `tiergate models build`")
     return sorted((int(path.name), path) for path in root.iterdir() if path.is_dir() and path.name.isdigit())
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def model_directories(root: Path, default_name: str) -> dict[str, Path]:
+    """The models served from `root`, by name: `root` itself as `default_name` when it is one built model or a
+    directory of numbered versions; else a repository, one directory per model name (each one built model or
+    numbered versions), as Triton's model repository lays them out."""
+    if (root / MANIFEST_NAME).is_file():
+        return {default_name: root}
+    if not root.is_dir():
+        raise ManifestError(f"model directory {root} does not exist; build one with `tiergate models build`")
+    children = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if not children or any(path.name.isdigit() for path in children):
+        return {default_name: root}
+    models = {}
+    for path in children:
+        if not (path / MANIFEST_NAME).is_file() and not any(p.is_dir() and p.name.isdigit() for p in path.iterdir()):
+            continue  # not a model: neither a built set nor numbered versions
+        if not _MODEL_NAME.fullmatch(path.name):
+            raise ManifestError(f"model directory name {path.name!r} in {root} is not a model name ([A-Za-z0-9._-])")
+        models[path.name] = path
+    if not models:
+        raise ManifestError(
+            f"{root} holds no model: expected a manifest.json, numbered versions, or one directory per model"
+        )
+    return models
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aproto/tiergate/cloud.proto\x12\x11tiergate.cloud.v1\"}\n\x08\x45nvelope\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11issued_at_unix_ms\x18\x05 \x01(\x03\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\"R\n\x11\x43loudInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1a\n\x12gateway_request_id\x18\x03 \x01(\t\"E\n\x0f\x43loudPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x02\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"d\n\x12\x43loudInferResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x37\n\x0bpredictions\x18\x02 \x03(\x0b\x32\".tiergate.cloud.v1.CloudPrediction2U\n\x0e\x43loudInference\x12\x43\n\x05Infer\x12\x1b.tiergate.cloud.v1.Envelope\x1a\x1b.tiergate.cloud.v1.Envelope\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aproto/tiergate/cloud.proto\x12\x11tiergate.cloud.v1\"}\n\x08\x45nvelope\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11issued_at_unix_ms\x18\x05 \x01(\x03\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\";\n\nTensorRows\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x81\x01\n\x11\x43loudInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1a\n\x12gateway_request_id\x18\x03 \x01(\t\x12-\n\x06tensor\x18\x04 \x01(\x0b\x32\x1d.tiergate.cloud.v1.TensorRows\"E\n\x0f\x43loudPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x02\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"d\n\x12\x43loudInferResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x37\n\x0bpredictions\x18\x02 \x03(\x0b\x32\".tiergate.cloud.v1.CloudPrediction2U\n\x0e\x43loudInference\x12\x43\n\x05Infer\x12\x1b.tiergate.cloud.v1.Envelope\x1a\x1b.tiergate.cloud.v1.Envelope\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE']._serialized_start=49
   _globals['_ENVELOPE']._serialized_end=174
-  _globals['_CLOUDINFERREQUEST']._serialized_start=176
-  _globals['_CLOUDINFERREQUEST']._serialized_end=258
-  _globals['_CLOUDPREDICTION']._serialized_start=260
-  _globals['_CLOUDPREDICTION']._serialized_end=329
-  _globals['_CLOUDINFERRESPONSE']._serialized_start=331
-  _globals['_CLOUDINFERRESPONSE']._serialized_end=431
-  _globals['_CLOUDINFERENCE']._serialized_start=433
-  _globals['_CLOUDINFERENCE']._serialized_end=518
+  _globals['_TENSORROWS']._serialized_start=176
+  _globals['_TENSORROWS']._serialized_end=235
+  _globals['_CLOUDINFERREQUEST']._serialized_start=238
+  _globals['_CLOUDINFERREQUEST']._serialized_end=367
+  _globals['_CLOUDPREDICTION']._serialized_start=369
+  _globals['_CLOUDPREDICTION']._serialized_end=438
+  _globals['_CLOUDINFERRESPONSE']._serialized_start=440
+  _globals['_CLOUDINFERRESPONSE']._serialized_end=540
+  _globals['_CLOUDINFERENCE']._serialized_start=542
+  _globals['_CLOUDINFERENCE']._serialized_end=627
 # @@protoc_insertion_point(module_scope)

@@ -22,15 +22,27 @@ class Envelope(_message.Message):
     ciphertext: bytes
     def __init__(self, version: _Optional[int] = ..., key_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., request_id: _Optional[str] = ..., issued_at_unix_ms: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
+class TensorRows(_message.Message):
+    __slots__ = ("datatype", "shape", "data")
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class CloudInferRequest(_message.Message):
-    __slots__ = ("model_name", "texts", "gateway_request_id")
+    __slots__ = ("model_name", "texts", "gateway_request_id", "tensor")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     gateway_request_id: str
-    def __init__(self, model_name: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., gateway_request_id: _Optional[str] = ...) -> None: ...
+    tensor: TensorRows
+    def __init__(self, model_name: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., gateway_request_id: _Optional[str] = ..., tensor: _Optional[_Union[TensorRows, _Mapping]] = ...) -> None: ...
 
 class CloudPrediction(_message.Message):
     __slots__ = ("label", "signal", "probability")

@@ -45,7 +45,7 @@ class CloudInferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Infer(self, request, context):
-        """Classify a batch of texts with the full model.
+        """Classify a batch of rows (texts, or tensor rows) with the full model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
