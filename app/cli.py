@@ -110,6 +110,8 @@ async def _serve_cloud(args: argparse.Namespace) -> int:
 
     settings = _settings(args).cloud
     _apply_server_flags(settings, args)
+    if args.upstream is not None:
+        settings.upstream = args.upstream
     if args.keys is not None:
         settings.keys_dir = args.keys
     try:
@@ -510,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gateway":
             sub.add_argument("--cloud", default=None, help="cloud tier HOST:PORT")
             sub.add_argument("--edge-only", action="store_true", help="serve with the edge tier alone")
+        else:
+            sub.add_argument(
+                "--upstream",
+                default=None,
+                metavar="HOST:PORT",
+                help="relay every model to this OIP v2 server (Triton, KServe, MLServer) instead of running its "
+                "ONNX file; envelopes are still opened and sealed here",
+            )
         sub.set_defaults(handler=lambda a, r=runner: asyncio.run(r(a)) or 0)
 
     _add_key_commands(commands)

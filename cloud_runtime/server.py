@@ -1,4 +1,5 @@
-"""The cloud tier server process: full model behind health, reflection and sealed envelopes."""
+"""The cloud tier server process: every model of the repository (its ONNX file, or the upstream OIP server that
+answers for it) behind health, reflection and sealed envelopes."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import grpc
 
 from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.model import CloudModel
-from cloud_runtime.servicer import CloudInferenceServicer
+from cloud_runtime.servicer import CloudInferenceServicer, CloudServed
+from cloud_runtime.upstream import UpstreamModel
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Keyring, Sealer
 from tiergate.keys import apply_key_dir, load_keyring
-from tiergate.manifest import CLOUD_ROLES, newest_verified
+from tiergate.manifest import CLOUD_ROLES, model_directories, newest_verified
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, serving_credentials
@@ -65,16 +67,24 @@ class CloudServer:
         self.sealer = Sealer(keyring if keyring is not None else load_keyring(settings.keyring_path))
         if keyring is None:
             self.boundary.watch_keyring(settings.keyring_path, self.sealer)
-        # One built set, or a directory of numbered versions (as `tiergate models fetch` fills): its newest
-        # version that verifies.
-        chosen = newest_verified(settings.models_dir, CLOUD_ROLES)
-        manifest = chosen.manifest
-        model = CloudModel.load(chosen.path, manifest, intra_op_threads=settings.intra_op_threads)
+        # Per model: one built set, or a directory of numbered versions (as `tiergate models fetch` fills): its
+        # newest version that verifies. With an upstream, its server answers for every model.
+        self.upstream: grpc.aio.Channel | None = None
+        if settings.upstream:
+            self.upstream = grpc.aio.insecure_channel(settings.upstream)
+        models: dict[str, CloudServed] = {}
+        for name, root in model_directories(settings.models_dir, settings.model_name).items():
+            chosen = newest_verified(root, [] if self.upstream is not None else CLOUD_ROLES)
+            manifest = chosen.manifest
+            model: CloudModel | UpstreamModel
+            if self.upstream is not None:
+                model = UpstreamModel.for_manifest(self.upstream, settings.upstream, name, manifest)
+            else:
+                model = CloudModel.load(chosen.path, manifest, intra_op_threads=settings.intra_op_threads)
+            models[name] = CloudServed(model, manifest.version, manifest.input)
         self.servicer = CloudInferenceServicer(
-            model,
+            models,
             self.sealer,
-            model_name=settings.model_name,
-            model_version=manifest.version,
             limits=settings.limits,
             tracer=self.tracing.tracer,
             metrics=self.metrics,
@@ -103,7 +113,13 @@ class CloudServer:
         self.servicer.bound = (self.settings.host, port)
         if self.metrics_server is not None:
             self.metrics_server.start(self.settings.metrics.host, self.settings.metrics.port)
-        logger.info("cloud tier serving on %s:%d", self.settings.host, port)
+        logger.info(
+            "cloud tier serving %s on %s:%d%s",
+            ", ".join(repr(name) for name in self.servicer.models),
+            self.settings.host,
+            port,
+            f", relayed to the upstream OIP server {self.settings.upstream}" if self.upstream is not None else "",
+        )
         return port
 
     @property
@@ -113,6 +129,8 @@ class CloudServer:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.managed.stop(self.settings.grace_s if grace_s is None else grace_s)
         self.servicer.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         await self.boundary.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()

@@ -1,26 +1,32 @@
-"""The cloud tier's gRPC servicer: open the sealed request, refuse stale or replayed ones, run the full model, seal
-the answer."""
+"""The cloud tier's gRPC servicer: open the sealed request, refuse stale or replayed ones, run the full model the
+request names (or relay it to the upstream server), seal the answer."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
 
 from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.model import CloudModel
+from cloud_runtime.upstream import UpstreamModel
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.admission import Admission
 from tiergate.audit import audit_detail
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Sealer
 from tiergate.errors import InvalidInputError, ModelNotFoundError, RequestTooLargeError, SealError
+from tiergate.hop_rows import unpack_rows
+from tiergate.inputs import Row
 from tiergate.logs import REQUEST_ID
+from tiergate.manifest import TEXT_INPUT, InputSpec
 from tiergate.replay import ReplayGuard
+from tiergate.scoring import Scored
 from tiergate.settings import LimitSettings, ReplaySettings
 from tiergate.telemetry import annotate_server_span, timed_span
 
@@ -28,16 +34,24 @@ from tiergate.telemetry import annotate_server_span, timed_span
 MAX_REQUEST_ID_CHARS = 128
 
 
+@dataclass
+class CloudServed:
+    """One model the cloud tier answers: its ONNX model (or the upstream that answers for it), its version and
+    the input it takes."""
+
+    model: CloudModel | UpstreamModel
+    version: str
+    input: InputSpec = TEXT_INPUT
+
+
 class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
-    """Thin adapter over `CloudModel`; inference runs off the event loop."""
+    """Thin adapter over the served models; ONNX inference runs off the event loop, upstream calls on it."""
 
     def __init__(
         self,
-        model: CloudModel,
+        models: Mapping[str, CloudServed],
         sealer: Sealer,
         *,
-        model_name: str,
-        model_version: str,
         limits: LimitSettings,
         tracer: trace.Tracer | None = None,
         metrics: CloudMetrics | None = None,
@@ -45,16 +59,16 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         clock: Callable[[], float] = time.time,
         chunk_rows: int = 32,
     ) -> None:
-        """`replay` sizes the freshness window and seen-set (defaults: `ReplaySettings()`); `clock` is the wall
-        clock that window is measured on."""
-        self._model = model
+        """`models`: by name, what this tier serves. `replay` sizes the freshness window and seen-set (defaults:
+        `ReplaySettings()`); `clock` is the wall clock that window is measured on."""
+        if not models:
+            raise ValueError("the cloud tier serves no model")
+        self._models = dict(models)
         self._sealer = sealer
-        self._model_name = model_name
         self._tracer = tracer or trace.NoOpTracer()
         self._metrics = metrics or CloudMetrics()
         # (host, port) the server is bound to, for the server span's attributes.
         self.bound: tuple[str, int] = ("", 0)
-        self._model_version = model_version
         self._limits = limits
         self.admission = Admission(limits.max_inflight_requests, limits.max_inflight_rows)
         self._metrics.inflight_requests.set_function(lambda: self.admission.requests)
@@ -65,29 +79,36 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         self._chunk_rows = chunk_rows
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-model")
 
-    def _check(self, request: cloud_pb2.CloudInferRequest) -> list[str]:
-        if request.model_name != self._model_name:
+    def _check(self, request: cloud_pb2.CloudInferRequest) -> tuple[CloudServed, list[Row]]:
+        served = self._models.get(request.model_name)
+        if served is None:
             raise ModelNotFoundError(
-                f"model {request.model_name!r} is not served here; this tier serves {self._model_name!r}"
+                f"model {request.model_name!r} is not served here; this tier serves {', '.join(sorted(self._models))}"
             )
-        texts = list(request.texts)
+        texts = unpack_rows(request, served.input)
         if not texts:
             raise InvalidInputError("the request holds no rows")
         if len(texts) > self._limits.max_batch_rows:
             raise RequestTooLargeError(f"{len(texts)} rows exceed the limit of {self._limits.max_batch_rows}")
-        return texts
+        return served, texts
 
     @staticmethod
-    def _predict(model: CloudModel, texts: list[str]) -> list[cloud_pb2.CloudPrediction]:
-        scored = model.predict(texts)
-        labels = model.labels
+    def _predictions(scored: Scored, labels: list[str]) -> list[cloud_pb2.CloudPrediction]:
         return [
             cloud_pb2.CloudPrediction(label=labels[int(i)], signal=float(s), probability=float(p))
             for i, p, s in zip(scored.label_index, scored.probability, scored.signal, strict=True)
         ]
 
+    @classmethod
+    def _predict(cls, model: CloudModel, texts: list[Row]) -> list[cloud_pb2.CloudPrediction]:
+        return cls._predictions(model.predict(texts), model.labels)
+
     async def _run_model(
-        self, texts: list[str], context: grpc.aio.ServicerContext[cloud_pb2.Envelope, cloud_pb2.Envelope]
+        self,
+        name: str,
+        served: CloudServed,
+        texts: list[Row],
+        context: grpc.aio.ServicerContext[cloud_pb2.Envelope, cloud_pb2.Envelope],
     ) -> cloud_pb2.CloudInferResponse:
         """The model over `texts`, a chunk at a time off the event loop, stopping as soon as the caller is gone.
 
@@ -96,7 +117,7 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
         chunk runs on the model version the request started with.
         """
         loop = asyncio.get_running_loop()
-        model, version = self._model, self._model_version
+        model, version = served.model, served.version
         predictions: list[cloud_pb2.CloudPrediction] = []
         try:
             for start in range(0, len(texts), self._chunk_rows):
@@ -104,12 +125,16 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
                 if remaining is not None and remaining <= 0:
                     raise asyncio.CancelledError  # the caller has given up: its answer would be thrown away
                 chunk = texts[start : start + self._chunk_rows]
-                self._metrics.batch_rows.labels(model=self._model_name).observe(len(chunk))
-                predictions.extend(await loop.run_in_executor(self._executor, self._predict, model, chunk))
+                self._metrics.batch_rows.labels(model=name).observe(len(chunk))
+                if isinstance(model, UpstreamModel):
+                    scored = await model.predict(chunk, timeout=remaining)
+                    predictions.extend(self._predictions(scored, model.labels))
+                else:
+                    predictions.extend(await loop.run_in_executor(self._executor, self._predict, model, chunk))
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
-            self._metrics.rows_dropped.labels(model=self._model_name, reason=reason).inc(len(texts) - len(predictions))
+            self._metrics.rows_dropped.labels(model=name, reason=reason).inc(len(texts) - len(predictions))
             raise
         return cloud_pb2.CloudInferResponse(model_version=version, predictions=predictions)
 
@@ -142,37 +167,50 @@ class CloudInferenceServicer(cloud_pb2_grpc.CloudInferenceServicer):
             request_id = plain.gateway_request_id[:MAX_REQUEST_ID_CHARS]
             REQUEST_ID.set(request_id)
             server_span.set_attribute("tiergate.request_id", request_id)
-        texts = self._check(plain)
-        audit_detail(rows=len(texts))
+        served, texts = self._check(plain)
+        name = plain.model_name
+        audit_detail(model=name, rows=len(texts))
         with (
             self.admission.admit(len(texts)),
             self._tracer.start_as_current_span(
                 "tiergate.cloud.infer", attributes={"tiergate.tier": "cloud", "tiergate.rows": len(texts)}
             ),
         ):
-            response = await self._run_model(texts, context)
+            response = await self._run_model(name, served, texts, context)
         with timed_span(self._tracer, "tiergate.seal") as span:
             sealed = self._sealer.seal(response, request_id=request.request_id, direction="response")
             span.set_attribute("tiergate.envelope.bytes", sealed.ByteSize())
-        self._metrics.rows.labels(model=self._model_name).inc(len(texts))
-        self._metrics.request_seconds.labels(model=self._model_name).observe(time.perf_counter() - started)
+        self._metrics.rows.labels(model=name).inc(len(texts))
+        self._metrics.request_seconds.labels(model=name).observe(time.perf_counter() - started)
         return sealed
 
     @property
-    def model(self) -> CloudModel:
-        return self._model
+    def models(self) -> dict[str, CloudServed]:
+        return dict(self._models)
+
+    def _only(self, name: str | None) -> str:
+        return name if name is not None else next(iter(self._models))
+
+    @property
+    def model(self) -> CloudModel | UpstreamModel:
+        """The first model's (the only one's, on a single-model tier)."""
+        return self._models[self._only(None)].model
 
     @property
     def model_version(self) -> str:
-        return self._model_version
+        return self._models[self._only(None)].version
 
-    def use_model(self, model: CloudModel, version: str) -> CloudModel:
-        """Answer new chunks with `model` (a new version); returns the old model for its owner to close once
-        the chunks already running on it are done. One assignment: a chunk sees the old pair or the new."""
-        old = self._model
-        self._model, self._model_version = model, version
+    def use_model(self, model: CloudModel | UpstreamModel, version: str, name: str | None = None) -> CloudServed:
+        """Answer new requests for model `name` (default: the first) with `model` at `version`; returns what
+        served before, for its owner to close once the chunks already running on it are done. One assignment:
+        a request sees the old entry or the new."""
+        key = self._only(name)
+        old = self._models[key]
+        self._models[key] = CloudServed(model, version, old.input)
         return old
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        self._model.close()
+        for served in self._models.values():
+            if not isinstance(served.model, UpstreamModel):
+                served.model.close()

@@ -313,7 +313,7 @@ async def test_personal_data_never_crosses_the_hop(
     clean = tiny_rows[0][0]  # a row the tiny edge model is unsure of at threshold 1.0 (as test_tracing relies on)
     backend = await start_stack()
     assert backend.cloud is not None
-    cloud_inputs = _record_cloud_inputs(monkeypatch, backend.cloud.servicer._model)
+    cloud_inputs = _record_cloud_inputs(monkeypatch, backend.cloud.servicer.model)
     tap = TapProxy(backend.cloud.managed.port)
     tap_port = await tap.start()
 

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cloud_runtime.model import CloudModel
 from cloud_runtime.server import SERVICE_NAME, CloudServer
-from cloud_runtime.servicer import CloudInferenceServicer
+from cloud_runtime.servicer import CloudInferenceServicer, CloudServed
 from gateway.cloud_tier import CloudTier
 from gateway.metrics import GatewayMetrics
 from proto.tiergate import cloud_pb2, cloud_pb2_grpc
@@ -267,10 +267,8 @@ async def test_full_replay_cache_answers_resource_exhausted(tiny_models: Path, k
     keyring = Keyring.load(keyring_path)
     manifest = load_manifest(tiny_models, roles=CLOUD_ROLES)
     servicer = CloudInferenceServicer(
-        CloudModel.load(tiny_models, manifest, intra_op_threads=1),
+        {MODEL_NAME: CloudServed(CloudModel.load(tiny_models, manifest, intra_op_threads=1), manifest.version)},
         Sealer(keyring),
-        model_name=MODEL_NAME,
-        model_version=manifest.version,
         limits=LimitSettings(),
         replay=ReplaySettings(skew_s=30.0, max_entries=2),
     )

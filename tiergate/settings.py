@@ -349,9 +349,13 @@ class GatewaySettings:
 class CloudSettings:
     host: str = "127.0.0.1"
     port: int = 8101
-    # Must match the gateway's model_name: the gateway asks the cloud for its own model.
+    # Must match the gateway's model_name when models_dir holds one model (a repository names its own models).
     model_name: str = MODEL_NAME
     models_dir: Path = DEFAULT_MODELS_DIR
+    # An OIP v2 server inside the cloud network (HOST:PORT) that answers for every model instead of the ONNX
+    # files (Triton, KServe, MLServer); the boundary, sealing and replay guard stay here. "": run the ONNX files.
+    upstream: str = ""
+    upstream_timeout_s: float = 5.0
     keyring_path: Path = DEFAULT_KEYRING
     grace_s: float = 5.0
     intra_op_threads: int = 1
