@@ -27,7 +27,11 @@ logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<I")
 # Output datatypes read from the upstream's answer, as little-endian numpy types.
-_OUTPUT_TYPES: dict[str, np.dtype[np.generic]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2")}
+_OUTPUT_TYPES: dict[str, np.dtype[np.generic]] = {
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "FP16": np.dtype("<f2"),
+}
 _TYPED_OUTPUTS = {"FP32": "fp32_contents", "FP64": "fp64_contents"}
 
 
