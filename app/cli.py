@@ -256,8 +256,70 @@ def _models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_import(args: argparse.Namespace) -> int:
+    from tiergate.manifest import UpstreamSpec
+    from training.importer import ImportRefused, import_model
+
+    upstream = None
+    if args.upstream_model is not None:
+        upstream = UpstreamSpec(
+            model_name=args.upstream_model, output_name=args.upstream_output or "", scores=args.cloud_scores
+        )
+    try:
+        number, path = import_model(
+            args.models,
+            args.name,
+            edge=args.edge,
+            cloud=args.cloud,
+            labels_file=args.labels,
+            input_value=args.input,
+            input_name=args.input_name,
+            quantize=args.quantize,
+            calibration=args.calibration,
+            positive_label=args.positive_label,
+            edge_scores=args.edge_scores,
+            cloud_scores=args.cloud_scores,
+            edge_output=args.edge_output or "",
+            cloud_output=args.cloud_output or "",
+            upstream=upstream,
+        )
+    except ImportRefused as error:
+        print(f"tiergate: import refused, nothing written: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"imported {args.name} version {number} into {path}; routing is a placeholder until "
+        f"`tiergate calibrate {args.name} --models {args.models} --data FILE --target-escalation 0.15`"
+    )
+    return 0
+
+
+def _calibrate_named(args: argparse.Namespace) -> int:
+    from tiergate.manifest import ManifestError, newest_verified
+    from training.importer import ImportRefused, calibrate_on_data
+
+    if args.data is None or (args.target_escalation is None) == (args.target_quality is None):
+        print("calibrating a model by name takes --data FILE and one of --target-escalation or --target-quality")
+        return 2
+    try:
+        chosen = newest_verified(args.models / args.name)
+        routing = calibrate_on_data(
+            chosen.path, args.data, target_escalation=args.target_escalation, target_quality=args.target_quality
+        )
+    except (ImportRefused, ManifestError) as error:
+        print(f"tiergate: calibration refused: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.name} version {chosen.version or chosen.manifest.version}: threshold {routing.threshold:.4f} on "
+        f"signal {routing.signal}: {routing.calibration}"
+    )
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate, calibrate_from_feedback
+
+    if args.name is not None:
+        return _calibrate_named(args)
 
     if args.feedback is not None:
         if args.target_quality is None or args.target_escalation is not None:
@@ -464,9 +526,55 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--version", type=int, default=None, help="the version to fetch (default: the newest)")
     fetch.set_defaults(handler=_models_fetch)
 
+    imp = models.add_parser(
+        "import",
+        help="add your own ONNX pair as the next version of a model in a repository",
+        description="Checks the files against the declaration (inputs, output, two sample rows) before writing "
+        "anything, then adds them as REPOSITORY/NAME/<next version>. Routing is a placeholder until `tiergate "
+        "calibrate NAME --data FILE`.",
+    )
+    imp.add_argument("name", help="the model name callers use (model_name)")
+    imp.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="the repository (one directory per model)")
+    imp.add_argument("--edge", type=Path, required=True, help="the edge tier's ONNX file (FP32, or INT8 already)")
+    imp.add_argument("--cloud", type=Path, default=None, help="the cloud tier's ONNX file")
+    imp.add_argument("--labels", type=Path, required=True, help="labels, one per line, in output column order")
+    imp.add_argument(
+        "--input",
+        required=True,
+        help="text:ngrams | text:tokenizer=FILE | tensor:FP32:[-1,D] | tensor:INT64:[-1,D]",
+    )
+    imp.add_argument("--input-name", default=None, help="the input's name for callers (default: text, or input)")
+    imp.add_argument("--quantize", choices=("dynamic", "qdq"), default=None, help="make the INT8 edge file")
+    imp.add_argument("--calibration", type=Path, default=None, help="rows for --quantize qdq (CSV or .npz)")
+    imp.add_argument("--positive-label", default=None, help="a binary model: its positive label (listed second)")
+    for tier in ("edge", "cloud"):
+        imp.add_argument(
+            f"--{tier}-scores",
+            choices=("logits", "probabilities", "probability"),
+            default="logits",
+            help=f"what the {tier} graph's output holds (probability: one column, a binary model's positive label)",
+        )
+        imp.add_argument(f"--{tier}-output", default=None, help=f"the {tier} graph's output to read (default: first)")
+    imp.add_argument(
+        "--upstream-model",
+        default=None,
+        help="the cloud tier relays to this model of an existing OIP server (serve cloud --upstream); no --cloud",
+    )
+    imp.add_argument("--upstream-output", default=None, help="the upstream model's output to read (default: first)")
+    imp.set_defaults(handler=_models_import)
+
     cal = commands.add_parser("calibrate", help="pick the escalation threshold on validation data")
+    cal.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help="a model of the repository --models (its newest version), calibrated on --data FILE: CSV (text,label) "
+        "for a text input, .npz (x or the input's name, and y) for a tensor input",
+    )
     cal.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
-    cal.add_argument("--data", type=Path, default=None, help="the data the models were built from")
+    cal.add_argument(
+        "--data", type=Path, default=None, help="the data the models were built from (with NAME: a labelled file)"
+    )
     cal.add_argument("--target-escalation", type=float, default=None, help="share of rows to escalate, e.g. 0.15")
     cal.add_argument("--target-quality", type=float, default=None, help="cascade accuracy relative to cloud, e.g. 0.99")
     cal.add_argument(

@@ -52,11 +52,11 @@ def quiet_quantizer() -> Iterator[None]:
             logger.debug("onnxruntime quantization printed: %s", printed.getvalue().strip())
 
 
-class _IdsReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
-    """Feeds calibration batches of featurized ids to the static quantizer."""
+class _FeedsReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
+    """Feeds calibration batches (each graph input's array, by name) to the static quantizer."""
 
-    def __init__(self, ids: np.ndarray, batch_size: int = 64) -> None:
-        self._batches = [ids[i : i + batch_size].astype(np.int32) for i in range(0, len(ids), batch_size)]
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._batches = batches
         self._next = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -64,7 +64,7 @@ class _IdsReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime sh
             return None
         batch = self._batches[self._next]
         self._next += 1
-        return {"ids": batch}
+        return batch
 
     def rewind(self) -> None:
         self._next = 0
@@ -75,12 +75,19 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration_ids: np.ndarray) -
 
     Symmetric INT8 QDQ is the form TensorRT consumes; the calibration set sets activation ranges.
     """
+    ids = calibration_ids
+    batches = [{"ids": ids[i : i + 64].astype(np.int32)} for i in range(0, len(ids), 64)]
+    return quantize_qdq_feeds(fp32_path, out_path, batches)
+
+
+def quantize_qdq_feeds(fp32_path: Path, out_path: Path, batches: list[dict[str, np.ndarray]]) -> Path:
+    """`quantize_qdq` for any graph: `batches` are its calibration feeds, each input's array by name."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_quantizer():
         quantize_static(
             str(fp32_path),
             str(out_path),
-            _IdsReader(calibration_ids),
+            _FeedsReader(batches),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,
