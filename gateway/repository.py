@@ -1,7 +1,9 @@
 """The model repository: each served model's versions on disk, which one serves, and new versions swapped in live.
 
 A model's directory is either one built model (its `manifest.json` at the top: one fixed version), or a
-directory of numbered versions `1/`, `2/`, ... each a built model. The newest version that verifies serves.
+directory of numbered versions `1/`, `2/`, ... each a built model. The newest version that verifies serves
+requests that name no version; with `keep` N > 1 (0: all), the N newest that load serve requests naming them,
+as Triton's `latest` version policy does.
 A watch (or `load`, on request) notices a newer version, verifies it (every file's sha256 against its manifest),
 loads it off the event loop and swaps it in at once: requests already running finish on the version they
 started with, then the old version's own resources are released. A version that fails to verify or load is
@@ -64,6 +66,11 @@ class VersionState:
     reason: str = ""
 
 
+def _version_order(version: str) -> tuple[int, str]:
+    """Numbered versions in number order (a single built model's version string sorts as 0)."""
+    return (int(version), "") if version.isdigit() else (0, version)
+
+
 def numbered_versions(root: Path) -> list[tuple[int, Path]] | None:
     """`root`'s numbered version directories, oldest first; None when `root` is itself one built model."""
     try:
@@ -77,24 +84,52 @@ Loader = Callable[[Path, str], Awaitable[Served]]
 
 
 class ModelVersions:
-    """One model's versions: the one serving, the ones refused, and the loading of newer ones."""
+    """One model's versions: the ones serving (the newest answers requests naming none), the ones refused, and
+    the loading of newer ones."""
 
-    def __init__(self, name: str, root: Path, load: Loader, *, grace_s: float = 30.0) -> None:
+    def __init__(self, name: str, root: Path, load: Loader, *, grace_s: float = 30.0, keep: int = 1) -> None:
+        if keep < 0:
+            raise ValueError(f"serve_versions must be 0 (all) or more, got {keep}")
         self.name = name
         self.root = root
         self._load = load
         self._grace_s = grace_s
-        self.serving: Served | None = None
+        self._keep = keep
+        # Loaded versions by version string; the newest is `serving`.
+        self._loaded: dict[str, Served] = {}
         self.unloaded = False
         self._refused: dict[str, str] = {}  # version -> reason
         self._loading: str | None = None
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
+    @property
+    def serving(self) -> Served | None:
+        """The newest loaded version: the one that answers requests naming no version."""
+        if not self._loaded:
+            return None
+        return self._loaded[max(self._loaded, key=_version_order)]
+
     def start_with(self, model: Served, refused: dict[str, str]) -> None:
         """Serve `model`, loaded at start-up, with the versions refused on the way there."""
-        self.serving = model
+        self._loaded[model.version] = model
         self._refused.update(refused)
+
+    async def fill(self) -> None:
+        """Load the older versions the version policy keeps (none with `keep` 1), newest first; one that fails
+        is refused and skipped."""
+        versions = numbered_versions(self.root)
+        if versions is None or self._keep == 1:
+            return
+        async with self._lock:
+            for number, path in reversed(versions):
+                if self._keep and len(self._loaded) >= self._keep:
+                    break
+                version = str(number)
+                if version in self._loaded or version in self._refused:
+                    continue
+                with contextlib.suppress(ModelLoadError):
+                    self._loaded[version] = await self._try(path, version)
 
     @property
     def versioned(self) -> bool:
@@ -148,24 +183,54 @@ class ModelVersions:
             self._loading = None
 
     async def _take(self, model: Served) -> Served:
-        old, self.serving, self.unloaded = self.serving, model, False
+        old = self.serving
+        replaced = self._loaded.get(model.version)
+        self._loaded[model.version] = model
+        self.unloaded = False
+        if replaced is not None and replaced is not model:  # the same version string, loaded again
+            self._retire(replaced)
         if old is not None and old is not model:
             logger.info("model %s now serves version %s (was %s)", self.name, model.version, old.version)
-            task = asyncio.ensure_future(old.retire(self._grace_s))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+        # The version policy: the `keep` newest stay loaded (0: all); older ones retire once their requests end.
+        ordered = sorted(self._loaded, key=_version_order)
+        for version in ordered[: -self._keep] if self._keep else []:
+            self._retire(self._loaded.pop(version))
         return model
+
+    def _retire(self, model: Served) -> None:
+        task = asyncio.ensure_future(model.retire(self._grace_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def unload(self) -> None:
         """Stop serving: requests get UNAVAILABLE until a load; the loaded version stays in memory."""
         self.unloaded = True
 
-    def current(self) -> Served:
-        if self.unloaded or self.serving is None:
+    def current(self, version: str = "") -> Served:
+        """The version asked for (the newest when none is), as loaded now: requests keep the object they get
+        here, so a version swapped in meanwhile never changes a request already running."""
+        serving = self.serving
+        if self.unloaded or serving is None:
             raise NotReadyError(
                 f"model {self.name!r} is unloaded; load it with RepositoryModelLoad (tritonclient: load_model)"
             )
-        return self.serving
+        if not version or version == serving.version:
+            return serving
+        model = self._loaded.get(version)
+        if model is not None:
+            return model
+        on_disk = [state.version for state in self.index()]
+        loaded = ", ".join(sorted(self._loaded, key=_version_order))
+        if version in on_disk:
+            serves = f"version {serving.version!r} serves" if len(self._loaded) == 1 else f"loaded: {loaded}"
+            raise ModelNotFoundError(f"model {self.name!r} version {version!r} is not loaded; {serves}")
+        raise ModelNotFoundError(
+            f"model {self.name!r} has no version {version!r}; available: {', '.join(on_disk) or loaded}"
+        )
+
+    def loaded(self) -> list[Served]:
+        """Every loaded version, oldest first."""
+        return [self._loaded[version] for version in sorted(self._loaded, key=_version_order)]
 
     def index(self) -> list[VersionState]:
         """Every version on disk (or the one built model), with its state."""
@@ -179,9 +244,9 @@ class ModelVersions:
                 states.append(VersionState(self.name, shown, State.LOADING))
             elif version in self._refused:
                 states.append(VersionState(self.name, shown, State.UNAVAILABLE, self._refused[version]))
-            elif shown == served and not self.unloaded:
+            elif shown in self._loaded and not self.unloaded:
                 states.append(VersionState(self.name, shown, State.READY))
-            elif shown == served:
+            elif shown in self._loaded:
                 states.append(VersionState(self.name, shown, State.UNAVAILABLE, "unloaded"))
             else:
                 states.append(VersionState(self.name, shown, State.UNAVAILABLE, "not loaded: a newer version serves"))
@@ -211,12 +276,17 @@ class ModelRepository:
             raise ModelNotFoundError(f"model {name!r} is not served here; available models: {served}")
         return model
 
-    def current(self, name: str) -> Served:
-        return self.versions(name).current()
+    def current(self, name: str, version: str = "") -> Served:
+        return self.versions(name).current(version)
 
     def served(self) -> list[Served]:
-        """The version each model serves (unloaded ones included: they still hold their resources)."""
-        return [model.serving for model in self._models.values() if model.serving is not None]
+        """Every loaded version of every model (unloaded ones included: they still hold their resources)."""
+        return [version for model in self._models.values() for version in model.loaded()]
+
+    async def fill(self) -> None:
+        """Load the older versions each model's version policy keeps."""
+        for model in self._models.values():
+            await model.fill()
 
     def index(self, ready_only: bool = False) -> list[VersionState]:
         states = [state for model in self._models.values() for state in model.index()]

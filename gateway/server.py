@@ -294,7 +294,9 @@ class GatewayServer:
                 )
             owned = [tiers[0]] if isinstance(tiers[0], EdgeTier) else []
             model = self._assemble(name, manifest, chosen.version or manifest.version, tiers, owned=owned)
-            versions = ModelVersions(name, root, self._loader(name), grace_s=settings.grace_s)
+            versions = ModelVersions(
+                name, root, self._loader(name), grace_s=settings.grace_s, keep=settings.serve_versions
+            )
             versions.start_with(model, chosen.refused)
             served.append(versions)
         self._watch_hop_certificates(settings.hop_tls)
@@ -419,6 +421,7 @@ class GatewayServer:
 
     async def start(self) -> int:
         self.boundary.start()
+        await self.repository.fill()  # the older versions the version policy keeps
         self.repository.start()
         for tier in self.tiers:
             tier.start()

@@ -20,7 +20,7 @@ from tiergate import __version__
 from tiergate.admission import Admission
 from tiergate.audit import audit_detail
 from tiergate.constants import REQUEST_ID_METADATA
-from tiergate.errors import InvalidInputError, ModelNotFoundError, NotReadyError
+from tiergate.errors import InvalidInputError, NotReadyError
 from tiergate.logs import NO_REQUEST_ID, REQUEST_ID
 from tiergate.rpc import answer_each
 from tiergate.settings import LimitSettings
@@ -66,19 +66,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.repository.versions(name)
 
     def _model(self, name: str, version: str) -> TieredModel:
-        """The version of `name` serving now (the one asked for, if it is that one); requests keep the object
+        """Version `version` of `name` as loaded now (the newest when none is named); requests keep the object
         they get here, so a version swapped in meanwhile never changes a request already running."""
-        model = self._versions(name).current()
+        model = self._versions(name).current(version)
         assert isinstance(model, TieredModel)
-        if version and version != model.version:
-            on_disk = [state.version for state in self.repository.versions(name).index()]
-            if version in on_disk:
-                raise ModelNotFoundError(
-                    f"model {name!r} version {version!r} is not loaded; version {model.version!r} serves"
-                )
-            raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r}; available: {', '.join(on_disk) or model.version!r}"
-            )
         return model
 
     def _ready(self, name: str) -> bool:

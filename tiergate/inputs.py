@@ -102,6 +102,10 @@ def make_feeds(
     what does not fit."""
     dtypes = {name: onnx_dtype(kind) for name, kind in graph_inputs.items()}
     names = sorted(dtypes)
+    if preprocess in ("ngrams", "tokenizer"):
+        floats = [f"{name!r} ({graph_inputs[name]})" for name in names if not np.issubdtype(dtypes[name], np.integer)]
+        if floats:
+            raise ValueError(f"a graph fed by {preprocess} takes integer ids; its input {', '.join(floats)} is not")
     if preprocess == "tensor":
         if len(names) != 1:
             raise ValueError(f"a tensor model's graph takes one input; this one takes {names}")

@@ -308,6 +308,9 @@ class GatewaySettings:
     # A models_dir of numbered versions (1/, 2/, ...) is checked this often for a newer one, which is verified,
     # loaded and swapped in live; 0 checks only on a RepositoryModelLoad request.
     reload_poll_s: float = 5.0
+    # How many of each model's newest numbered versions serve at once (Triton's `latest` policy): requests that
+    # name a version get it while it is loaded; those naming none get the newest. 0: every version on disk.
+    serve_versions: int = 1
     # Tier names in escalation order; the first runs in-process, every later one is remote (see `tiers`).
     chain: list[str] = field(default_factory=lambda: ["edge", "cloud"])
     # Tiers other than the implied `edge` and `cloud`, or overrides of theirs: [gateway.tiers.NAME].
