@@ -359,6 +359,7 @@ def _demo(args: argparse.Namespace) -> int:
         requests=args.requests,
         concurrency=args.concurrency,
         log_format=args.log_format,
+        repository=args.repository,
     )
     return run_demo(options)
 
@@ -648,6 +649,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keys", type=Path, default=DEMO_KEYS, help="key directory for the demo (created on first use)")
     demo.add_argument("--requests", type=int, default=3000)
     demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="the repository served: the --models model and the purchase-propensity demo model "
+        "(default: MODELS.repository beside --models)",
+    )
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser(

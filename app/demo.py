@@ -1,4 +1,8 @@
-"""`make run`: build models if missing, start both tiers on loopback, replay held-out traffic, print a summary."""
+"""`make run`: build models if missing, start both tiers on loopback, replay held-out traffic, print a summary.
+
+Two models are served from one repository: the built-in text model (product-category) and a small tensor model
+on generated numeric features (purchase-propensity, DEMO DATA), each with its own tiers and escalation share.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,13 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -178,6 +184,8 @@ class DemoOptions:
     requests: int = 3000
     concurrency: int = 8
     log_format: str = "plain"  # the servers' log files
+    # The repository both servers serve (default: beside models_dir, `<models_dir>.repository`).
+    repository: Path | None = None
 
 
 @dataclass
@@ -193,7 +201,6 @@ class TrafficReport:
     outcomes: list[Outcome] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     wall_s: float = 0.0
-    cost: TrafficCost | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,36 @@ def ensure_models(models_dir: Path, data_dir: Path | None) -> None:
     print(f"models: built in {time.perf_counter() - started:.0f}s")
 
 
+def ensure_repository(models_dir: Path, repository: Path) -> Path:
+    """The repository the demo serves: the built-in model (a link to `models_dir`) and the purchase-propensity
+    model, built from generated data on first use (seconds)."""
+    from training import propensity
+
+    repository.mkdir(parents=True, exist_ok=True)
+    link = repository / MODEL_NAME
+    target = os.path.relpath(models_dir.resolve(), repository.resolve())
+    if link.is_symlink() and os.readlink(link) != target:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(target, target_is_directory=True)
+    if not (repository / propensity.NAME).is_dir():
+        print(f"models: building {propensity.NAME} (DEMO DATA: generated user and item features) ...")
+        started = time.perf_counter()
+        propensity.build_propensity(repository)
+        print(f"models: built {propensity.NAME} in {time.perf_counter() - started:.0f}s")
+    return repository
+
+
+def tensor_request(model: str, row: np.ndarray, name: str, hint: str | None = None) -> pb.ModelInferRequest:
+    """One row of a tensor model, in typed contents."""
+    request = pb.ModelInferRequest(model_name=model)
+    if hint is not None:
+        request.parameters[HINT_PARAMETER].string_param = hint
+    tensor = request.inputs.add(name=name, datatype="FP32", shape=[1, len(row)])
+    tensor.contents.fp32_contents.extend(float(value) for value in row)
+    return request
+
+
 def single_row_request(text: str, hint: str | None = None) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=MODEL_NAME)
     if hint is not None:
@@ -252,15 +289,17 @@ def single_row_request(text: str, hint: str | None = None) -> pb.ModelInferReque
 
 async def send_traffic(
     target: str,
-    examples: Sequence[tuple[str, str]],
+    examples: Sequence[tuple[Any, str]],
     concurrency: int,
     hint: str | None = None,
     token: str | None = None,
+    build: Callable[[Any, str | None], pb.ModelInferRequest] = single_row_request,
 ) -> TrafficReport:
-    """Send one single-row request per example with `concurrency` callers; bounded by the example count."""
+    """Send one single-row request per example (`build` makes it; default: a product name) with `concurrency`
+    callers; bounded by the example count."""
     metadata = bearer(token)
     report = TrafficReport()
-    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[Any, str]] = asyncio.Queue()
     for example in examples:
         queue.put_nowait(example)
     async with grpc.aio.insecure_channel(target) as channel:
@@ -271,7 +310,7 @@ async def send_traffic(
                 text, label = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    reply = await stub.ModelInfer(single_row_request(text, hint), timeout=10.0, metadata=metadata)
+                    reply = await stub.ModelInfer(build(text, hint), timeout=10.0, metadata=metadata)
                 except grpc.aio.AioRpcError as error:
                     report.errors[error.code().name] += 1
                     continue
@@ -295,11 +334,11 @@ def _summary_row(name: str, group: Sequence[Outcome]) -> str:
     return f"{name:<8}{len(group):>7}{p50:>9.2f}{p99:>9.2f}{accuracy:>10.3f}"
 
 
-def format_summary(report: TrafficReport) -> str:
+def format_summary(report: TrafficReport, model: str = "") -> str:
     outcomes = report.outcomes
     total = len(outcomes) + sum(report.errors.values())
     lines = [
-        "=== Tiergate demo summary ===",
+        *([f"--- model {model} ---"] if model else []),
         f"requests sent       {total} ({len(outcomes)} answered, errors: {dict(report.errors) or 'none'})",
         f"throughput          {len(outcomes) / report.wall_s:.0f} req/s over {report.wall_s:.1f}s",
     ]
@@ -316,15 +355,18 @@ def format_summary(report: TrafficReport) -> str:
     for tier, group in sorted(by_tier.items()):
         lines.append(_summary_row(tier, group))
     lines.append(_summary_row("all", outcomes))
-    if report.cost is not None and report.cost.cloud_only > 0:
-        cost = report.cost
-        saved = 1.0 - cost.spent / cost.cloud_only
-        # Cost of this traffic, tiered vs cloud-only, at the prices in the gateway's cost settings.
-        lines.append(
-            f"cost                {cost.spent:.4f} {cost.currency} tiered vs {cost.cloud_only:.4f} {cost.currency} "
-            f"cloud-only (saved {saved:.1%})"
-        )
     return "\n".join(lines)
+
+
+def format_cost(cost: TrafficCost | None) -> str | None:
+    """Cost of all the traffic, tiered vs cloud-only, at the prices in the gateway's cost settings."""
+    if cost is None or cost.cloud_only <= 0:
+        return None
+    saved = 1.0 - cost.spent / cost.cloud_only
+    return (
+        f"cost (both models)  {cost.spent:.4f} {cost.currency} tiered vs {cost.cloud_only:.4f} {cost.currency} "
+        f"cloud-only (saved {saved:.1%})"
+    )
 
 
 def _test_metrics_line(manifest: Manifest) -> str | None:
@@ -371,6 +413,7 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 def run_demo(options: DemoOptions) -> int:
+    from training import propensity
     from training.data import DEMO_SOURCE, heldout_examples
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -386,7 +429,17 @@ def run_demo(options: DemoOptions) -> int:
         return 1
     # Replay the held-out rows in order, cycling when there are fewer rows than requests.
     examples = list(itertools.islice(itertools.cycle(heldout), options.requests))
-    with LocalStack(options.models_dir, options.keys_dir, ["--log-format", options.log_format]) as stack:
+    repository = ensure_repository(
+        options.models_dir, options.repository or options.models_dir.with_name(f"{options.models_dir.name}.repository")
+    )
+    # The tensor model's traffic: fresh generated rows (another seed than its training and calibration rows).
+    x, y = propensity.generate(max(1, options.requests // 3), seed=1234)
+    shoppers = [(row, propensity.LABELS[int(label)]) for row, label in zip(x, y, strict=True)]
+
+    def propensity_request(row: np.ndarray, hint: str | None) -> pb.ModelInferRequest:
+        return tensor_request(propensity.NAME, row, propensity.INPUT_NAME, hint)
+
+    with LocalStack(repository, options.keys_dir, ["--log-format", options.log_format]) as stack:
         print(f"servers: cloud on {stack.cloud_target}, gateway on {stack.gateway_target}")
         print(
             f"boundary: mutual TLS on the hop (development CA in {options.keys_dir}) under AES-256-GCM envelopes; "
@@ -396,8 +449,20 @@ def run_demo(options: DemoOptions) -> int:
             f"traffic: {len(examples)} requests over {len(heldout)} held-out rows of "
             f"{manifest.data.get('source')}, task {manifest.task}, {options.concurrency} callers"
         )
+        print(
+            f"traffic: {len(shoppers)} requests of {propensity.NAME}, one generated shopper and item per request "
+            f"(DEMO DATA), {options.concurrency} callers"
+        )
         report = asyncio.run(send_traffic(stack.gateway_target, examples, options.concurrency, token=token))
-        report.cost = read_cost(stack.gateway_metrics_port)
-    print(format_summary(report))
+        tensor_report = asyncio.run(
+            send_traffic(stack.gateway_target, shoppers, options.concurrency, token=token, build=propensity_request)
+        )
+        cost = read_cost(stack.gateway_metrics_port)
+    print("=== Tiergate demo summary ===")
+    print(format_summary(report, MODEL_NAME))
+    print(format_summary(tensor_report, f"{propensity.NAME} (DEMO DATA)"))
+    if (line := format_cost(cost)) is not None:
+        print(line)
     print(f"servers stopped (gateway exit {stack.exit_codes['gateway']}, cloud exit {stack.exit_codes['cloud']})")
-    return 0 if report.outcomes and not report.errors else 1
+    reports = (report, tensor_report)
+    return 0 if all(r.outcomes and not r.errors for r in reports) else 1

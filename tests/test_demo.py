@@ -34,7 +34,9 @@ def run_cli(*args: str) -> str:
 
 def test_demo_runs_and_summarises(tiny_models: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    out = run_cli("demo", "--models", str(tiny_models), "--keys", str(keys), "--requests", "150", "--concurrency", "4")
+    repository = tmp_path / "repository"
+    args = ["--keys", str(keys), "--repository", str(repository), "--requests", "150", "--concurrency", "4"]
+    out = run_cli("demo", "--models", str(tiny_models), *args)
     assert f"keys: created {keys}" in out and "boundary: mutual TLS on the hop" in out
     assert (keys / "ca.pem").is_file() and "demo" in (keys / "tokens.json").read_text()
     assert "=== Tiergate demo summary ===" in out
@@ -48,6 +50,14 @@ def test_demo_runs_and_summarises(tiny_models: Path, tmp_path: Path) -> None:
     sent = next(line for line in out.splitlines() if line.startswith("requests sent")).split()
     total, answered = int(sent[2]), int(sent[3].lstrip("("))
     assert total == 150 and answered == total
+    # Both models, each with its own summary and escalation share.
+    sections = out.split("--- model ")[1:]
+    assert [section.split(" ---")[0] for section in sections] == ["product-category", "purchase-propensity (DEMO DATA)"]
+    tensor = sections[1]
+    assert "requests sent       50 (50 answered, errors: none)" in tensor
+    assert "answered at edge" in tensor and "low_confidence=" in tensor
+    assert (repository / "product-category").is_symlink() and (repository / "purchase-propensity" / "1").is_dir()
+    assert "models: built purchase-propensity in" in out
 
 
 def test_bench_prints_setup_models_and_tier_paths(tiny_models: Path, tmp_path: Path) -> None:
