@@ -364,3 +364,55 @@ async def test_the_cloud_relays_to_an_upstream_oip_server_and_the_hop_stays_seal
             await tap.close()
         await server.stop(0)
         model.close()
+
+
+async def test_text_models_import_with_hashed_ngrams_or_a_tokenizer_and_serve_on_both_tiers(
+    tmp_path: Path, keyring_path: Path
+) -> None:
+    """Two text models a team would bring: one fed the built-in hashed n-grams (its graphs take the featurizer's
+    ids), one fed its own `tokenizers` tokenizer (its graphs take input_ids and attention_mask)."""
+    import torch
+
+    from tiergate.features import HashedNgramFeaturizer
+    from training.cloud_train import TinyCloudNet, export_cloud_onnx, save_tokenizer, train_wordlevel_tokenizer
+    from training.edge_train import EdgeNet, export_edge_onnx
+
+    torch.manual_seed(0)
+    work, root = tmp_path / "files", tmp_path / "repo"
+    work.mkdir()
+    (work / "intents.txt").write_text("browse\nbuy\nsupport\n", encoding="utf-8")
+    ngrams = HashedNgramFeaturizer()
+    export_edge_onnx(EdgeNet(ngrams.n_buckets, 8, 8, 3), work / "ngram_edge.onnx", ngrams.max_features)
+    export_edge_onnx(EdgeNet(ngrams.n_buckets, 16, 16, 3), work / "ngram_cloud.onnx", ngrams.max_features)
+    words = ["cheap flights to rome", "where is my order", "buy running shoes size 10", "return a jacket"]
+    tokenizer = save_tokenizer(train_wordlevel_tokenizer(words, 64), work / "tokenizer.json", 64)
+    vocab = train_wordlevel_tokenizer(words, 64).get_vocab_size()
+    export_cloud_onnx(TinyCloudNet(vocab, 8, 3), work / "tok_edge.onnx")
+    export_cloud_onnx(TinyCloudNet(vocab, 16, 3), work / "tok_cloud.onnx")
+    for name, prefix, declared in (
+        ("relevance", "ngram", "text:ngrams"),
+        ("query-intent", "tok", f"text:tokenizer={tokenizer}"),
+    ):
+        files = ["--edge", str(work / f"{prefix}_edge.onnx"), "--cloud", str(work / f"{prefix}_cloud.onnx")]
+        args = ["models", "import", name, "--models", str(root), *files, "--labels", str(work / "intents.txt")]
+        assert cli([*args, "--input", declared, "--quantize", "dynamic"]) == 0
+    manifest = load_manifest(root / "query-intent" / "1")
+    assert manifest.edge.preprocess == manifest.cloud.preprocess == "tokenizer"
+    assert load_manifest(root / "relevance" / "1").edge.preprocess == "ngrams"
+
+    factory = StackFactory(root, keyring_path)
+    try:
+        stack = await factory()
+        queries = ["where is my order 1234", "cheap flights"]
+        seen = await tritonclient(
+            stack.target,
+            *(
+                {"op": "infer", "model": model, "texts": queries, "parameters": {"tier": tier}}
+                for model in ("relevance", "query-intent")
+                for tier in ("edge", "cloud")
+            ),
+        )
+        for answer, tier in zip(seen, ["edge", "cloud"] * 2, strict=True):
+            assert answer["tier"] == [tier, tier] and set(answer["label"]) <= {"browse", "buy", "support"}, answer
+    finally:
+        await factory.stop_all()
