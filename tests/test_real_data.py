@@ -122,7 +122,13 @@ def test_eval_writes_the_report(real_models: Path, tmp_path: Path) -> None:
 
     bigbasket = BIGBASKET if (BIGBASKET / "bigbasket_products.csv").is_file() else None
     report = evaluate(
-        real_models, INSTACART, tmp_path / "report", bigbasket_dir=bigbasket, bigbasket_limit=600, latency_samples=50
+        real_models,
+        INSTACART,
+        tmp_path / "report",
+        bigbasket_dir=bigbasket,
+        bigbasket_limit=600,
+        latency_samples=50,
+        robustness_rows=300,
     )
     for name in ("report.json", "report.md", "report.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
@@ -145,6 +151,11 @@ def test_eval_writes_the_report(real_models: Path, tmp_path: Path) -> None:
     assert "| Instacart test |" in markdown and "Targets" in markdown
     assert "Measured on this split" in markdown and "Cloud model parts" in markdown
     assert np.isfinite(report["edge_variants_test_accuracy"]["int8_served"])
+    ci = test["ci95"]["quality_ratio"]
+    assert ci[0] <= test["operating_point"]["quality_ratio"] <= ci[1]
+    misspelled = report["robustness"]["families"]["misspell"]
+    assert misspelled["changed_rows"] > 0.9 and misspelled["cascade_accuracy"] > 0.0
+    assert "## Robustness: queries as shoppers type them" in markdown
 
 
 async def test_drift_watch_fires_on_bigbasket_names_mixed_in_and_not_on_instacart(

@@ -59,6 +59,8 @@ CANDIDATES_DIR = "candidates"
 # The INT8 forms an edge candidate may serve, in order of preference when their accuracies tie.
 INT8_VARIANTS = ("dynamic_per_channel", "dynamic_per_tensor", "qdq")
 CLOUD_THREADS = 2
+# torch's intra-op threads for every training step: results depend on it, so it is fixed and recorded.
+BUILD_THREADS = 2
 CALIBRATION_ROWS = 512  # training rows that set the static QDQ activation ranges
 
 
@@ -376,20 +378,31 @@ def train_edge_candidate(
     from training.edge_train import train_edge
 
     started = time.perf_counter()
+    from training.augment import augmented
+
     train, val = data.train, data.validation
     featurizer = HashedNgramFeaturizer(n_buckets=edge_config.n_buckets, max_features=edge_config.max_features)
     train_ids, val_ids = featurizer.transform(train.texts), featurizer.transform(val.texts)
+    fit_ids, fit_y, teacher = train_ids, train.y, cloud.teacher_logits
+    copies = config.edge_augment_copies
+    if copies > 0:
+        # Queries as shoppers type them: each copy keeps its clean row's label and the teacher's view of it.
+        texts, ys = augmented(train.texts, [int(y) for y in train.y], copies, seed)
+        fit_ids = np.concatenate([train_ids, featurizer.transform(texts[len(train.texts) :])])
+        fit_y = np.asarray(ys, dtype=train.y.dtype)
+        teacher = np.tile(teacher, (copies + 1, 1))
     net, training_info = train_edge(
         edge_config,
-        train_ids,
-        train.y,
+        fit_ids,
+        fit_y,
         len(labels),
         val_ids,
         val.y,
-        teacher_logits=cloud.teacher_logits,
+        teacher_logits=teacher,
         seed=seed,
         progress=config.progress,
     )
+    training_info["augment_copies"] = copies
     calibration_ids = train_ids[np.random.default_rng(seed).permutation(len(train_ids))[:CALIBRATION_ROWS]]
     folder = out_dir / CANDIDATES_DIR / edge_config.name
     forms = export_quantized_forms(net, folder, edge_config.max_features, calibration_ids)
@@ -520,7 +533,9 @@ def build_from_catalogue(
     """Run the whole pipeline on ``catalogue`` and write the model directory (shared by real, demo and tiny builds)."""
     import torch
 
-    torch.set_num_threads(2)
+    from training.reproducibility import environment_record
+
+    torch.set_num_threads(BUILD_THREADS)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -581,6 +596,7 @@ def build_from_catalogue(
         data={
             **data_record,
             "seed": seed,
+            "reproducibility": environment_record(seed, BUILD_THREADS),
             "fractions": list(SPLIT_FRACTIONS),
             "sizes": data.split.sizes(),
             "grouping": "normalised product name",

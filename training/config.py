@@ -84,6 +84,9 @@ class BuildConfig:
     latency_samples: int = 300
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    # Perturbed copies of each training row the edge also trains on (training/augment.py: typos, casing, dropped,
+    # reordered and abbreviated words, pack sizes), each with its clean row's labels and teacher logits. 0: none.
+    edge_augment_copies: int = 0
 
 
 # What the real and the demo builds' cloud models share: fine-tuned MiniLM, bf16 autocast on the

@@ -17,7 +17,7 @@ from tiergate.scoring import SIGNALS, score
 from training.calibrate import auroc, cascade_curve
 from training.config import QUALITY_FLOOR
 from training.data import load_bigbasket_departments, load_split_for_manifest
-from training.measure import accuracy, batch1_latency_ms, batched_components, batched_logits, share
+from training.measure import accuracy, batch1_latency_ms, batched_components, batched_logits, bootstrap_ci, share
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ REPORT_PNG = "report.png"
 # Quoted from instacart-products/SOURCE.md (TF-IDF word 1-2 + char_wb 2-5 grams, LinearSVC).
 BASELINE_TFIDF_SVM = {"aisle": 0.787, "department": 0.867}
 MAX_ESCALATION = 0.15
+# Test rows each perturbation family is applied to (a seeded sample: the cloud model runs on every copy).
+ROBUSTNESS_ROWS = 2000
+ROBUSTNESS_SEED = 2024
+# Misspelled queries must keep this share of the clean rows' cascade accuracy.
+ROBUSTNESS_FLOOR = 0.95
 
 
 def _macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -136,6 +141,17 @@ def _section(
         if len(reachable)
         else None,
         "signal_auroc_edge_right": aurocs,
+        # 95% percentile bootstrap over the rows (1,000 resamples, seeded): how far each number could move
+        # on another draw of rows like these.
+        "ci95": bootstrap_ci(
+            {
+                "edge_accuracy": edge_right,
+                "cloud_accuracy": cloud_right,
+                "cascade_accuracy": cascade_right,
+                "escalation": escalate,
+            },
+            {"quality_ratio": ("cascade_accuracy", "cloud_accuracy")},
+        ),
         "curve": _curve_points(edge_scored.signal, edge_right, cloud_right),
     }
 
@@ -147,6 +163,7 @@ def evaluate(
     bigbasket_dir: Path | None = None,
     bigbasket_limit: int | None = None,
     latency_samples: int = 500,
+    robustness_rows: int = ROBUSTNESS_ROWS,
 ) -> dict[str, Any]:
     """Evaluate the model set on its held-out test split (and BigBasket when given); write report.json/.md/.png."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -212,6 +229,7 @@ def evaluate(
         }
         if manifest.task == "aisle":
             report["department_from_aisle"] = _section(edge_logits, cloud_logits, to_group[test.y], manifest, to_group)
+        report["robustness"] = robustness(edge, cloud, test.texts, test.y, manifest, robustness_rows)
         report["baseline_same_split"] = _same_split_baseline(
             train.texts, train.y, test.texts, test.y, manifest.task, to_group
         )
@@ -238,6 +256,58 @@ def evaluate(
     return report
 
 
+def _operating(
+    edge_logits: np.ndarray, cloud_logits: np.ndarray, gold: np.ndarray, manifest: Manifest
+) -> dict[str, Any]:
+    """Edge, cloud and cascade accuracy and the escalation share at the manifest's operating point."""
+    scored = score(edge_logits, manifest.edge.temperature, manifest.routing.signal)
+    escalate = scored.signal < manifest.routing.threshold
+    cloud_pred = cloud_logits.argmax(axis=1)
+    cascade = np.where(escalate, cloud_pred, scored.label_index)
+    return {
+        "edge_accuracy": share(scored.label_index == gold),
+        "cloud_accuracy": share(cloud_pred == gold),
+        "cascade_accuracy": share(cascade == gold),
+        "escalation": share(escalate),
+    }
+
+
+def robustness(
+    edge: EdgeModel,
+    cloud: CloudModel,
+    texts: list[str],
+    gold: np.ndarray,
+    manifest: Manifest,
+    rows: int = ROBUSTNESS_ROWS,
+    seed: int = ROBUSTNESS_SEED,
+) -> dict[str, Any]:
+    """The served cascade on perturbed copies of (a seeded sample of) the test rows, one family at a time, beside
+    the same rows clean: accuracy kept, and how the escalation share moves."""
+    from training import augment
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(texts), size=min(rows, len(texts)), replace=False))
+    sample, y = [texts[i] for i in pick], gold[pick]
+    clean = _operating(batched_logits(edge, sample), batched_logits(cloud, sample), y, manifest)
+    families: dict[str, Any] = {}
+    for name, family in {"misspell": augment.misspell, **augment.FAMILIES}.items():
+        copies = augment.perturbed_copies(sample, family, seed)
+        measured = _operating(batched_logits(edge, copies), batched_logits(cloud, copies), y, manifest)
+        measured["changed_rows"] = share(np.array([a != b for a, b in zip(sample, copies, strict=True)]))
+        measured["cascade_vs_clean"] = (
+            round(measured["cascade_accuracy"] / clean["cascade_accuracy"], 4) if clean["cascade_accuracy"] else None
+        )
+        measured["escalation_change"] = round(measured["escalation"] - clean["escalation"], 4)
+        families[name] = measured
+    return {
+        "rows": len(sample),
+        "seed": seed,
+        "families_described": (augment.__doc__ or "").strip(),
+        "clean": clean,
+        "families": families,
+    }
+
+
 def _targets(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, each with the measured value and whether it is met."""
     test = report["test"]
@@ -248,12 +318,26 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
             "value": op["quality_ratio"],
             "met": bool((op["quality_ratio"] or 0) >= QUALITY_FLOOR),
         },
+        "cascade_quality_ratio_lower_bound_ge_0.99": {
+            "value": test["ci95"].get("quality_ratio", [None])[0],
+            "met": bool((test["ci95"].get("quality_ratio", [0.0])[0] or 0) >= QUALITY_FLOOR),
+        },
         "escalation_le_0.15": {"value": op["escalation"], "met": bool(op["escalation"] <= MAX_ESCALATION)},
         "edge_int8_loss_le_0.5pt": {
             "value": round(variants["fp32"] - variants["int8_served"], 4),
             "met": bool(variants["fp32"] - variants["int8_served"] <= 0.005),
         },
     }
+    misspelled = report.get("robustness", {}).get("families", {}).get("misspell")
+    if misspelled is not None:
+        targets["misspelled_cascade_ge_0.95_of_clean"] = {
+            "value": misspelled["cascade_vs_clean"],
+            "met": bool((misspelled["cascade_vs_clean"] or 0) >= ROBUSTNESS_FLOOR),
+        }
+        targets["misspelled_escalation_rises"] = {
+            "value": misspelled["escalation_change"],
+            "met": bool(misspelled["escalation_change"] > 0),
+        }
     quoted = report.get("baseline_tfidf_svm")
     if quoted and report["task"] in quoted:
         floor = round(quoted[report["task"]] + 0.03, 4)
@@ -275,6 +359,43 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _with_ci(x: float | None, ci: list[float] | None) -> str:
+    """A share with its 95% interval, e.g. `77.47% [76.63, 78.31]`."""
+    if ci is None:
+        return _pct(x)
+    return f"{_pct(x)} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+def _robustness_lines(section: dict[str, Any] | None) -> list[str]:
+    """The robustness table: each perturbation family beside the same rows clean."""
+    if not section:
+        return []
+    clean = section["clean"]
+    lines = [
+        "",
+        "## Robustness: queries as shoppers type them",
+        "",
+        f"{section['rows']} test rows (seeded sample, seed {section['seed']}); each family perturbs every row once. "
+        f"Clean, the same rows: cascade {_pct(clean['cascade_accuracy'])} at {_pct(clean['escalation'])} "
+        "escalation.",
+        "",
+        "| family | rows changed | edge | cloud | cascade | cascade / clean | escalation | change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in section["families"].items():
+        lines.append(
+            f"| {name} | {_pct(m['changed_rows'])} | {_pct(m['edge_accuracy'])} | {_pct(m['cloud_accuracy'])} | "
+            f"{_pct(m['cascade_accuracy'])} | {m['cascade_vs_clean']} | {_pct(m['escalation'])} | "
+            f"{100 * m['escalation_change']:+.2f} pt |"
+        )
+    lines += ["", "Families:", "", *[f"    {line}" for line in section["families_described"].splitlines()]]
+    return lines
+
+
+def _bounds(ci: list[float] | None) -> str:
+    return "n/a" if ci is None else f"{ci[0]:.4f}, {ci[1]:.4f}"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable summary of ``report``."""
     lines = [
@@ -282,7 +403,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Data: {report['data_source']}; split sizes {report['split_sizes']} (grouped by normalised name). "
         "All numbers on the held-out test split unless marked; "
-        "models run through EdgeModel/CloudModel (ONNX Runtime, CPU).",
+        "models run through EdgeModel/CloudModel (ONNX Runtime, CPU). Brackets: 95% bootstrap intervals over "
+        "the rows (1,000 resamples).",
         "",
         "| set | rows | edge INT8 | cloud FP32 | cascade | escalation | cascade / cloud "
         "| min escalation for 0.99x cloud (oracle) |",
@@ -298,9 +420,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         s = report[key]
         op = s["operating_point"]
+        ci = s.get("ci95", {})
         lines.append(
-            f"| {title} | {s['rows']} | {_pct(s['edge_accuracy'])} | {_pct(s['cloud_accuracy'])} | "
-            f"{_pct(op['cascade_accuracy'])} | {_pct(op['escalation'])} | {op['quality_ratio']} | "
+            f"| {title} | {s['rows']} | {_with_ci(s['edge_accuracy'], ci.get('edge_accuracy'))} | "
+            f"{_with_ci(s['cloud_accuracy'], ci.get('cloud_accuracy'))} | "
+            f"{_with_ci(op['cascade_accuracy'], ci.get('cascade_accuracy'))} | "
+            f"{_with_ci(op['escalation'], ci.get('escalation'))} | "
+            f"{op['quality_ratio']} [{_bounds(ci.get('quality_ratio'))}] | "
             f"{_pct(s['oracle_min_escalation_at_quality_floor'])} |"
         )
     v = report["edge_variants_test_accuracy"]
@@ -377,6 +503,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "logits = alpha * log_softmax(deep) + (1 - alpha) * log_softmax(gamma * lexical).",
         ]
     same = report.get("baseline_same_split") or {}
+    lines += _robustness_lines(report.get("robustness"))
     lines += ["", "## Baseline", ""]
     if same:
         lines.append(

@@ -109,3 +109,42 @@ def measure_variant(
         batch1_latency_ms=batch1_latency_ms(model, texts, samples),
         logits=logits,
     )
+
+
+def bootstrap_ci(
+    columns: dict[str, np.ndarray],
+    ratios: dict[str, tuple[str, str]] | None = None,
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals over rows: for each 0/1 (or numeric) column its mean's interval, and for
+    each ratio (numerator column, denominator column) the interval of the ratio of their means, resampling the
+    same rows for both. Seeded: the same rows give the same intervals."""
+    lengths = {len(column) for column in columns.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"bootstrap columns must have one length, got {sorted(lengths)}")
+    (n,) = lengths
+    if n == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    data = {name: np.asarray(column, dtype=np.float64) for name, column in columns.items()}
+    means: dict[str, list[np.ndarray]] = {name: [] for name in data}
+    for start in range(0, resamples, 200):  # 200 resamples at a time bound the index array's memory
+        index = rng.integers(0, n, size=(min(200, resamples - start), n), dtype=np.int32)
+        for name, column in data.items():
+            means[name].append(column[index].mean(axis=1))
+    drawn = {name: np.concatenate(chunks) for name, chunks in means.items()}
+    tail = (1.0 - level) / 2.0 * 100.0
+    intervals = {
+        name: [round(float(np.percentile(values, tail)), 4), round(float(np.percentile(values, 100.0 - tail)), 4)]
+        for name, values in drawn.items()
+    }
+    for name, (top, bottom) in (ratios or {}).items():
+        ratio = drawn[top] / np.where(drawn[bottom] > 0, drawn[bottom], np.nan)
+        intervals[name] = [
+            round(float(np.nanpercentile(ratio, tail)), 4),
+            round(float(np.nanpercentile(ratio, 100.0 - tail)), 4),
+        ]
+    return intervals

@@ -53,9 +53,9 @@ def tiny_config() -> BuildConfig:
     )
 
 
-def build_tiny_models(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_models(out_dir: Path, seed: int = 0, config: BuildConfig | None = None) -> Path:
     """Write a complete, valid model directory trained on a tiny generated catalogue; returns ``out_dir``."""
-    config = tiny_config()
+    config = config or tiny_config()
     catalogue = generate_demo_catalogue(config.demo_rows, seed=seed, n_labels=config.demo_labels)
     record = {"source": DEMO_SOURCE, "demo_rows": config.demo_rows, "demo_labels": config.demo_labels, "tiny": True}
     manifest = build_from_catalogue(Path(out_dir), catalogue, "aisle", seed, config, record)
