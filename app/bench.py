@@ -145,7 +145,7 @@ def _bench_hedging(models_dir: Path, data_dir: Path | None, keys_dir: Path, requ
 
     with LocalStack(models_dir, keys_dir) as stack:
         return bench_hedging(
-            models_dir, keys_dir, stack.cloud_target, heldout_examples(models_dir, data_dir), max(100, requests // 5)
+            models_dir, keys_dir, stack.cloud_target, heldout_examples(models_dir, data_dir), max(100, requests // 10)
         )
 
 
@@ -291,7 +291,7 @@ SEAL_HOPS = ("plaintext", "mutual TLS")
 SERVED_HOPS = ("plain + model", "mTLS + model")
 # Timed calls on the served hops at most: each runs the cloud model on a KiB of names (tens of ms), and the share
 # it measures is far from the target, so more calls would add minutes to `make bench` and nothing to the verdict.
-SERVED_CALLS = 100
+SERVED_CALLS = 30
 # The four crypto steps of one call, in the order they run.
 SEAL_STEPS = ("client seal", "server open", "server seal", "client open")
 
