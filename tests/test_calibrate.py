@@ -106,3 +106,59 @@ def test_grouped_split_keeps_near_duplicates_together_and_is_deterministic() -> 
             assert where.setdefault(normalise_name(texts[i]), part) == part
     assert sum(a.sizes().values()) == len(texts)
     assert grouped_split(texts, seed=6).test.tolist() != a.test.tolist()
+
+
+def test_the_lower_bound_aim_escalates_more_than_the_point_estimate_and_holds_the_floor_on_resamples() -> None:
+    from training.calibrate import threshold_for_quality, threshold_for_quality_lower_bound
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    confidence = rng.random(n)
+    # The edge is right more often the surer it is; the cloud is right 85% of the time.
+    edge_right = rng.random(n) < 0.45 + 0.5 * confidence
+    cloud_right = rng.random(n) < 0.85
+    point = threshold_for_quality(confidence, edge_right, cloud_right, 0.99)
+    lower = threshold_for_quality_lower_bound(confidence, edge_right, cloud_right, 0.99, seed=1)
+    assert lower > point, "aiming at the lower bound escalates more rows"
+    assert lower == threshold_for_quality_lower_bound(confidence, edge_right, cloud_right, 0.99, seed=1)
+    escalate = confidence < lower
+    cascade = np.where(escalate, cloud_right, edge_right)
+    ratios = []
+    for _ in range(300):  # fresh resamples: the floor holds on nearly all of them
+        pick = rng.integers(0, n, n)
+        ratios.append(cascade[pick].mean() / cloud_right[pick].mean())
+    assert np.quantile(ratios, 0.05) >= 0.99 - 0.003
+
+
+def test_edge_candidates_within_the_noise_margin_are_chosen_by_accuracy_then_size() -> None:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from training.build import SELECTION_MARGIN, EdgeCandidate, QuantizedForms, choose_candidate
+    from training.config import EdgeConfig
+    from training.measure import VariantMeasurement
+
+    def candidate(name: str, escalation: float, accuracy: float, buckets: int, dim: int) -> EdgeCandidate:
+        measured = VariantMeasurement(accuracy, 1, {"p50": 0.1}, np.zeros((1, 2)))
+        forms = QuantizedForms(Path("f"), Path("q"), Path("c"), Path("t"))
+        return EdgeCandidate(
+            config=EdgeConfig(name=name, n_buckets=buckets, dim=dim),
+            training={},
+            train_seconds=0.0,
+            forms=forms,
+            variants={"int8": measured},
+            served_variant="int8",
+            temperature=1.0,
+            featurizer={},
+            escalation_at_quality_floor=escalation,
+            best_signal_at_floor="max_prob",
+            within_bounds=True,
+        )
+
+    a = candidate("a", 0.1271, 0.752, 2**18, 64)  # least escalation, by less than the margin
+    b = candidate("b", 0.1333, 0.756, 2**17, 128)  # better accuracy
+    assert choose_candidate([a, b]) is b
+    far = replace(b, escalation_at_quality_floor=0.1271 + SELECTION_MARGIN + 0.005)
+    assert choose_candidate([a, far]) is a, "beyond the margin the escalation decides"
+    small = candidate("small", 0.13, 0.752, 2**16, 64)
+    assert choose_candidate([a, small]) is small, "equal accuracy: the smaller"

@@ -435,15 +435,28 @@ def train_edge_candidate(
     return candidate
 
 
+# Escalation-at-floor differences between edge candidates smaller than this are noise on a validation split of
+# this size (its bootstrap interval is about two points wide): within it, accuracy decides, then size.
+SELECTION_MARGIN = 0.01
+
+
 def choose_candidate(candidates: list[EdgeCandidate]) -> EdgeCandidate:
-    """Among the candidates within the edge's bounds (all, when none is), the least escalation at the quality
-    floor, then the best served validation accuracy."""
+    """Among the candidates within the edge's bounds (all, when none is): those within SELECTION_MARGIN of the
+    least escalation at the quality floor, and of those the best served validation accuracy, then the smallest
+    (fewer embedding parameters), then the first listed."""
     eligible = [c for c in candidates if c.within_bounds] or candidates
-    return min(
-        eligible,
+
+    def escalation(c: EdgeCandidate) -> float:
+        return c.escalation_at_quality_floor if np.isfinite(c.escalation_at_quality_floor) else 0.0
+
+    least = min(escalation(c) for c in eligible)
+    contenders = [c for c in eligible if escalation(c) <= least + SELECTION_MARGIN + 1e-12]
+    return max(
+        contenders,
         key=lambda c: (
-            c.escalation_at_quality_floor if np.isfinite(c.escalation_at_quality_floor) else 0.0,
-            -c.served.validation_accuracy,
+            c.served.validation_accuracy,
+            -c.config.n_buckets * c.config.dim,
+            -eligible.index(c),
         ),
     )
 
@@ -479,6 +492,7 @@ def calibrate_routing(chosen: EdgeCandidate, val: Catalogue, cloud: CloudStage, 
         target_quality=config.target_quality if config.target_escalation is None else None,
         extra={"signal_auroc": aurocs},
         agreement=scored.label_index == cloud.validation_logits.argmax(1),
+        lower_bound=config.calibrate_at_lower_bound and config.target_escalation is None,
     )
     return Calibration(signal=signal, aurocs=aurocs, routing=routing)
 

@@ -134,6 +134,42 @@ def threshold_for_quality(
     return float(curve.thresholds[meets[0]])
 
 
+def threshold_for_quality_lower_bound(
+    confidence: np.ndarray,
+    edge_right: np.ndarray,
+    cloud_right: np.ndarray,
+    target: float,
+    *,
+    resamples: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+) -> float:
+    """Lowest-escalation threshold whose cascade/cloud accuracy ratio reaches ``target`` at its one-sided
+    ``level`` lower bound over bootstrap resamples of these rows, not only at its point estimate: the floor then
+    holds on unseen rows like these with that confidence."""
+    if not 0.0 < target <= 1.5:
+        raise ValueError(f"target quality must be a ratio to cloud accuracy in (0, 1.5], got {target}")
+    n = len(confidence)
+    if n == 0:
+        return ESCALATE_ALL
+    order = np.argsort(np.asarray(confidence, dtype=np.float64), kind="mergesort")
+    conf = np.asarray(confidence, dtype=np.float64)[order]
+    edge = np.asarray(edge_right, dtype=np.float64)[order]
+    cloud = np.asarray(cloud_right, dtype=np.float64)[order]
+    # Each resample as how many times it draws each row (rows in confidence order).
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    base, cloud_total = weights @ edge, weights @ cloud
+    gains = np.concatenate([np.zeros((resamples, 1)), np.cumsum(weights * (cloud - edge), axis=1)], axis=1)
+    ks = np.unique(np.concatenate([[0], np.flatnonzero(np.diff(conf) > 0) + 1, [n]]))
+    ratios = (base[:, None] + gains[:, ks]) / np.where(cloud_total > 0, cloud_total, np.nan)[:, None]
+    lower = np.nanquantile(ratios, 1.0 - level, axis=0)
+    meets = np.flatnonzero(lower >= target - 1e-12)
+    if len(meets) == 0:
+        logger.warning("quality floor %.4f is not reachable at its lower bound on these rows; escalating all", target)
+        return ESCALATE_ALL
+    return _cut(conf, int(ks[meets[0]]))
+
+
 def routing_from_predictions(
     signal: str,
     confidence: np.ndarray,
@@ -143,6 +179,7 @@ def routing_from_predictions(
     target_quality: float | None = None,
     extra: dict[str, Any] | None = None,
     agreement: np.ndarray | None = None,
+    lower_bound: bool = False,
 ) -> RoutingSpec:
     """Pick the threshold for one target on validation predictions and describe what it achieved.
 
@@ -156,8 +193,14 @@ def routing_from_predictions(
         target = {"kind": "escalation", "value": float(target_escalation)}
     else:
         assert target_quality is not None
-        threshold = threshold_for_quality(confidence, edge_right, cloud_right, target_quality)
+        point = threshold_for_quality(confidence, edge_right, cloud_right, target_quality)
         target = {"kind": "quality", "value": float(target_quality)}
+        threshold = point
+        if lower_bound:
+            threshold = threshold_for_quality_lower_bound(confidence, edge_right, cloud_right, target_quality)
+            target["aim"] = "one-sided 95% lower bound, 200 bootstrap resamples of the validation rows"
+            target["point_estimate_threshold"] = round(float(point), 6)
+            target["point_estimate_escalation"] = round(float(np.mean(np.asarray(confidence) < point)), 4)
     escalate = np.asarray(confidence) < threshold
     n = max(len(escalate), 1)
     cascade = np.where(escalate, cloud_right, edge_right)

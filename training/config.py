@@ -87,6 +87,8 @@ class BuildConfig:
     # Perturbed copies of each training row the edge also trains on (training/augment.py: typos, casing, dropped,
     # reordered and abbreviated words, pack sizes), each with its clean row's labels and teacher logits. 0: none.
     edge_augment_copies: int = 0
+    # Calibrate to a quality floor at its lower confidence bound on validation (bootstrap), not its point estimate.
+    calibrate_at_lower_bound: bool = False
 
 
 # What the real and the demo builds' cloud models share: fine-tuned MiniLM, bf16 autocast on the
@@ -112,6 +114,8 @@ def default_config(real_data: bool) -> BuildConfig:
                 EdgeConfig(name="ngram-mlp-2^18x64", n_buckets=2**18, dim=64, hidden=256),
                 EdgeConfig(name="ngram-mlp-2^17x128", n_buckets=2**17, dim=128, hidden=256),
             ),
+            edge_augment_copies=1,
+            calibrate_at_lower_bound=True,
         )
     # On the synthetic demo catalogue edge and cloud tie, so a quality floor would never escalate;
     # a fixed escalation rate makes `make run` exercise the whole tier chain.
