@@ -416,3 +416,57 @@ async def test_text_models_import_with_hashed_ngrams_or_a_tokenizer_and_serve_on
             assert answer["tier"] == [tier, tier] and set(answer["label"]) <= {"browse", "buy", "support"}, answer
     finally:
         await factory.stop_all()
+
+
+class TensorUpstream(pb_grpc.GRPCInferenceServiceServicer):
+    """An OIP server answering a tensor model: one probability per row (the mean of its features, squashed),
+    as FP32 typed contents, under the output name `p`; it records the rows it was sent."""
+
+    def __init__(self) -> None:
+        self.seen: list[np.ndarray] = []
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        shape = list(request.inputs[0].shape)
+        rows = np.frombuffer(request.raw_input_contents[0], dtype="<f4").reshape(shape)
+        self.seen.append(rows)
+        p = 1.0 / (1.0 + np.exp(-rows.mean(axis=1)))
+        response = pb.ModelInferResponse(model_name=request.model_name)
+        response.outputs.add(name="other", datatype="FP32", shape=[len(rows)]).contents.fp32_contents.extend(
+            [0.0] * len(rows)
+        )
+        out = response.outputs.add(name="p", datatype="FP32", shape=[len(rows), 1])
+        out.contents.fp32_contents.extend(p.astype(np.float32).tolist())
+        return response
+
+
+async def test_a_tensor_model_relayed_upstream_maps_one_probability_onto_its_labels(repository: Path) -> None:
+    from cloud_runtime.upstream import UpstreamModel
+    from tiergate.inputs import Vector
+    from tiergate.manifest import UpstreamSpec
+
+    upstream = TensorUpstream()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(upstream, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    manifest = load_manifest(repository / NAME / "1")
+    spec = UpstreamSpec(model_name="propensity-full", output_name="p", scores="probability")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            model = UpstreamModel(
+                channel,
+                f"127.0.0.1:{port}",
+                name=NAME,
+                input_spec=manifest.input,
+                labels=manifest.labels,
+                spec=spec,
+                temperature=1.0,
+                signal="max_prob",
+            )
+            x = np.array([[2.0] * WIDTH, [-2.0] * WIDTH], dtype=np.float32)
+            scored = await model.predict([Vector(row) for row in x], timeout=5.0)
+    finally:
+        await server.stop(0)
+    np.testing.assert_array_equal(upstream.seen[0], x)
+    assert [manifest.labels[int(i)] for i in scored.label_index] == ["buy", "no_buy"]
+    np.testing.assert_allclose(scored.probability, [1 / (1 + np.exp(-2.0))] * 2, rtol=1e-5)
