@@ -78,7 +78,9 @@ class CloudServer:
             manifest = chosen.manifest
             model: CloudModel | UpstreamModel
             if self.upstream is not None:
-                model = UpstreamModel.for_manifest(self.upstream, settings.upstream, name, manifest)
+                model = UpstreamModel.for_manifest(
+                    self.upstream, settings.upstream, name, manifest, timeout_s=settings.upstream_timeout_s
+                )
             else:
                 model = CloudModel.load(chosen.path, manifest, intra_op_threads=settings.intra_op_threads)
             models[name] = CloudServed(model, manifest.version, manifest.input)

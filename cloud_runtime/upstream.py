@@ -49,8 +49,11 @@ class UpstreamModel:
         spec: UpstreamSpec,
         temperature: float,
         signal: str,
+        timeout_s: float = 5.0,
     ) -> None:
+        """`timeout_s`: the longest one upstream call may take (less when the gateway's deadline is nearer)."""
         self.labels = labels
+        self.timeout_s = timeout_s
         self.signal = signal
         self.temperature = temperature
         self.target = target
@@ -62,7 +65,9 @@ class UpstreamModel:
         self._scores = spec.scores
 
     @classmethod
-    def for_manifest(cls, channel: grpc.aio.Channel, target: str, name: str, manifest: Manifest) -> UpstreamModel:
+    def for_manifest(
+        cls, channel: grpc.aio.Channel, target: str, name: str, manifest: Manifest, timeout_s: float = 5.0
+    ) -> UpstreamModel:
         """The upstream as the manifest's `cloud.upstream` declares it (defaults: the same model name, its first
         output, holding logits), with the cloud tier's temperature and the routing signal."""
         spec = manifest.cloud.upstream or UpstreamSpec(scores=manifest.cloud.scores)
@@ -75,6 +80,7 @@ class UpstreamModel:
             spec=spec,
             temperature=manifest.cloud.temperature,
             signal=manifest.routing.signal,
+            timeout_s=timeout_s,
         )
 
     def _request(self, rows: Sequence[Row]) -> pb.ModelInferRequest:
@@ -120,9 +126,11 @@ class UpstreamModel:
         return shaped
 
     async def predict(self, rows: Sequence[Row], timeout: float | None) -> Scored:
-        """Labels, calibrated probabilities and routing signal of `rows`, as the upstream model scores them."""
+        """Labels, calibrated probabilities and routing signal of `rows`, as the upstream model scores them;
+        `timeout`: the caller's time left (None: none), capped at `timeout_s`."""
+        limit = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
         try:
-            response = await self._stub.ModelInfer(self._request(rows), timeout=timeout)
+            response = await self._stub.ModelInfer(self._request(rows), timeout=limit)
         except grpc.aio.AioRpcError as error:
             if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TierDeadlineError("the upstream server did not answer in time") from None

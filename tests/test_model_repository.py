@@ -28,6 +28,7 @@ from proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO_ROOT, StackFactory
 from tests.tap import TapProxy
 from tiergate.constants import MODEL_NAME
+from tiergate.errors import TierDeadlineError
 from tiergate.manifest import load_manifest
 from tiergate.settings import CloudSettings, GatewaySettings
 from training import propensity
@@ -280,7 +281,8 @@ async def test_version_2_added_while_version_1_serves_both_answer_by_version(
         x = features(4)
         (before,) = await tritonclient(stack.target, tensor_step(NAME, x))
         assert before["model_version"] == "1"
-        assert cli(import_args(root, pair)) == 0  # version 2: the FP32 edge file as it is
+        qdq = ["--quantize", "qdq", "--calibration", str(pair / "heldout.npz")]
+        assert cli([*import_args(root, pair), *qdq]) == 0  # version 2: a static QDQ INT8 edge file
         for _ in range(100):  # bounded: the watch polls every 0.1 s
             index = [(state.version, state.state.value) for state in stack.gateway.repository.index()]
             if index == [("1", "READY"), ("2", "READY")]:
@@ -424,8 +426,10 @@ class TensorUpstream(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self) -> None:
         self.seen: list[np.ndarray] = []
+        self.delay_s = 0.0
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        await asyncio.sleep(self.delay_s)
         shape = list(request.inputs[0].shape)
         rows = np.frombuffer(request.raw_input_contents[0], dtype="<f4").reshape(shape)
         self.seen.append(rows)
@@ -462,9 +466,15 @@ async def test_a_tensor_model_relayed_upstream_maps_one_probability_onto_its_lab
                 spec=spec,
                 temperature=1.0,
                 signal="max_prob",
+                timeout_s=0.3,
             )
             x = np.array([[2.0] * WIDTH, [-2.0] * WIDTH], dtype=np.float32)
             scored = await model.predict([Vector(row) for row in x], timeout=5.0)
+            upstream.delay_s = 1.0  # slower than the upstream timeout, though the caller would wait 5 s
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TierDeadlineError, match="did not answer in time"):
+                await model.predict([Vector(row) for row in x], timeout=5.0)
+            assert asyncio.get_running_loop().time() - started < 0.9
     finally:
         await server.stop(0)
     np.testing.assert_array_equal(upstream.seen[0], x)

@@ -19,7 +19,7 @@ def pack_rows(request: cloud_pb2.CloudInferRequest, rows: Sequence[Row]) -> None
     """Put `rows` into `request`: texts into `texts`, tensor rows into `tensor`."""
     if rows and isinstance(rows[0], Vector):
         array = stack(rows)
-        datatype = next((name for name, kind in NUMPY_TYPES.items() if kind == array.dtype.newbyteorder("<")), None)
+        datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}.get(array.dtype)
         if datatype is None:
             raise TypeError(f"tensor rows of dtype {array.dtype} cannot cross the hop; expected float32 or int64")
         request.tensor.datatype = datatype

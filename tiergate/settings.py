@@ -358,6 +358,7 @@ class CloudSettings:
     # An OIP v2 server inside the cloud network (HOST:PORT) that answers for every model instead of the ONNX
     # files (Triton, KServe, MLServer); the boundary, sealing and replay guard stay here. "": run the ONNX files.
     upstream: str = ""
+    # The longest one call to the upstream may take (less when the gateway's deadline is nearer).
     upstream_timeout_s: float = 5.0
     keyring_path: Path = DEFAULT_KEYRING
     grace_s: float = 5.0

@@ -160,7 +160,7 @@ def check_graph(
             inputs,
             featurizer=featurizer,
             tokenizer_path=declaration.tokenizer,
-            max_length=featurizer_max_length(declaration),
+            max_length=tokenizer_max_length(declaration),
         )
         rows = _sample_rows(declaration)
         (raw,) = session.run([output], feeds(rows))
@@ -179,7 +179,7 @@ def check_graph(
 DEFAULT_MAX_LENGTH = 64
 
 
-def featurizer_max_length(declaration: InputDeclaration) -> int:
+def tokenizer_max_length(declaration: InputDeclaration) -> int:
     return DEFAULT_MAX_LENGTH if declaration.preprocess == "tokenizer" else 0
 
 
@@ -195,7 +195,14 @@ def _next_version(model_root: Path) -> int:
     return (versions[-1][0] + 1) if versions else 1
 
 
-def _quantize(method: str, fp32: Path, out: Path, declaration: InputDeclaration, calibration: Path | None) -> None:
+def _quantize(
+    method: str,
+    fp32: Path,
+    out: Path,
+    declaration: InputDeclaration,
+    calibration: Path | None,
+    featurizer: dict[str, Any] | None,
+) -> None:
     from training.quantize import quantize_dynamic_int8, quantize_qdq_feeds
 
     if method == "dynamic":
@@ -208,9 +215,9 @@ def _quantize(method: str, fp32: Path, out: Path, declaration: InputDeclaration,
     feeds = make_feeds(
         declaration.preprocess,
         {i.name: i.type for i in session.get_inputs()},
-        featurizer=HashedNgramFeaturizer().config() if declaration.preprocess == "ngrams" else None,
+        featurizer=featurizer,
         tokenizer_path=declaration.tokenizer,
-        max_length=featurizer_max_length(declaration),
+        max_length=tokenizer_max_length(declaration),
     )
     batches = [feeds(rows[i : i + 64]) for i in range(0, len(rows), 64)]
     quantize_qdq_feeds(fp32, out, batches)
@@ -278,7 +285,7 @@ def import_model(
         qdq: ArtifactFile | None = None
         if quantize is not None:
             served = scratch / "edge" / ("edge_int8_qdq.onnx" if quantize == "qdq" else "edge_int8.onnx")
-            _quantize(quantize, fp32_path, served, declaration, calibration)
+            _quantize(quantize, fp32_path, served, declaration, calibration, featurizer)
             check_graph(
                 _GraphCheck("quantized edge", served, edge_scores, edge_output), declaration, labels, featurizer
             )
@@ -294,7 +301,7 @@ def import_model(
             shutil.copyfile(cloud, scratch / "cloud" / "cloud.onnx")
             cloud_file = artifact(scratch, scratch / "cloud" / "cloud.onnx")
         created = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        max_length = featurizer_max_length(declaration)
+        max_length = tokenizer_max_length(declaration)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             version=created.strftime("%Y%m%dT%H%M%SZ"),
@@ -407,6 +414,7 @@ def calibrate_on_data(
     from cloud_runtime.model import CloudModel
     from edge_runtime.model import EdgeModel
     from training.calibrate import fit_temperature, routing_from_predictions, signal_aurocs
+    from training.measure import batched_logits
 
     manifest = load_manifest(version_dir)
     if manifest.cloud.onnx is None:
@@ -418,8 +426,7 @@ def calibrate_on_data(
     edge = EdgeModel.load(version_dir, manifest)
     cloud = CloudModel.load(version_dir, manifest)
     try:
-        edge_logits = np.concatenate([edge.logits(rows[i : i + 256]) for i in range(0, len(rows), 256)])
-        cloud_logits = np.concatenate([cloud.logits(rows[i : i + 256]) for i in range(0, len(rows), 256)])
+        edge_logits, cloud_logits = batched_logits(edge, rows), batched_logits(cloud, rows)
     finally:
         edge.close()
         cloud.close()

@@ -12,11 +12,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tiergate.inputs import Row
+
 
 class LogitsModel(Protocol):
     labels: list[str]
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray: ...
+    def logits(self, texts: Sequence[Row]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ def accuracy(predicted: np.ndarray, gold: np.ndarray, digits: int | None = 4) ->
     return share(labels == gold, digits)
 
 
-def batched_logits(model: LogitsModel, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """float32 logits [n, K] of `texts`, computed `batch_size` rows at a time."""
+def batched_logits(model: LogitsModel, texts: Sequence[Row], batch_size: int = 256) -> np.ndarray:
+    """float32 logits [n, K] of `texts` (or tensor rows), computed `batch_size` rows at a time."""
     chunks = [model.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, len(model.labels)), dtype=np.float32)
 
