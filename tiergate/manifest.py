@@ -32,8 +32,6 @@ INPUT_DATATYPES = ("BYTES", "FP32", "INT64")
 # What a tier's ONNX output holds: logits [n, K], probabilities [n, K], or one probability [n] or [n, 1] (that of
 # a binary model's positive label).
 SCORES = ("logits", "probabilities", "probability")
-# How a tier's ONNX inputs are made from the rows.
-PREPROCESS = ("ngrams", "tokenizer", "tensor")
 OUTPUT_KINDS = ("classes", "binary")
 
 
