@@ -19,6 +19,7 @@ from tiergate.inputs import Feeds, Row, TokenizerFeeds, make_feeds, texts_of
 from tiergate.manifest import CLOUD_ROLES, Manifest, ManifestError, load_manifest
 from tiergate.onnx_session import cpu_session
 from tiergate.scoring import Scored, as_logits, score
+from tiergate.spelling import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,10 @@ class CloudModel:
         *,
         scores: str = "logits",
         output_name: str = "",
+        spelling: Vocabulary | None = None,
     ) -> None:
         self.labels = labels
+        self.spelling = spelling
         self.signal = signal
         self.temperature = temperature
         self.scores = scores
@@ -72,6 +75,7 @@ class CloudModel:
         preprocess: str = "tokenizer",
         scores: str = "logits",
         output_name: str = "",
+        spelling_path: Path | None = None,
     ) -> CloudModel:
         """Load from explicit files (the build uses this before a manifest exists)."""
         if tokenizer_path is not None and not Path(tokenizer_path).is_file():
@@ -89,6 +93,7 @@ class CloudModel:
             )
         except ValueError as error:
             raise ValueError(f"cloud ONNX model {Path(onnx_path).name}: {error}") from None
+        spelling = None if spelling_path is None else Vocabulary.load(spelling_path)
         logger.info("cloud model loaded %s (%d intra-op threads)", Path(onnx_path).name, intra_op_threads)
         return cls(
             labels=list(labels),
@@ -98,6 +103,7 @@ class CloudModel:
             features=features,
             scores=scores,
             output_name=output_name,
+            spelling=spelling,
         )
 
     @classmethod
@@ -123,6 +129,7 @@ class CloudModel:
             preprocess=spec.preprocess,
             scores=spec.scores,
             output_name=spec.output_name,
+            spelling_path=None if manifest.spelling is None else Path(model_dir) / manifest.spelling.path,
         )
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +148,8 @@ class CloudModel:
         if len(rows) > MAX_ROWS_PER_RUN:
             chunks = [self._run(rows[i : i + MAX_ROWS_PER_RUN], outputs) for i in range(0, len(rows), MAX_ROWS_PER_RUN)]
             return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(outputs))]
+        if self.spelling is not None:
+            rows = self.spelling.correct_rows(rows)
         return [np.asarray(out) for out in self._session.run(outputs, self._features(rows))]
 
     def logits(self, rows: Sequence[Row]) -> np.ndarray:

@@ -13,6 +13,7 @@ from edge_runtime.backend import EdgeBackend
 from tiergate.inputs import Feeds, Row, make_feeds
 from tiergate.manifest import EDGE_ROLES, EDGE_VARIANT_ROLES, Manifest, load_manifest
 from tiergate.scoring import Scored, as_logits, score
+from tiergate.spelling import Vocabulary
 
 BACKENDS = ("onnxruntime", "tensorrt")
 VARIANTS = tuple(EDGE_VARIANT_ROLES)
@@ -29,6 +30,7 @@ class EdgeModel:
         backend: EdgeBackend,
         features: Feeds,
         scores: str = "logits",
+        spelling: Vocabulary | None = None,
     ) -> None:
         self.labels = labels
         self.signal = signal
@@ -36,6 +38,7 @@ class EdgeModel:
         self.backend = backend
         self.features = features
         self.scores = scores
+        self.spelling = spelling
 
     @classmethod
     def load(
@@ -75,6 +78,7 @@ class EdgeModel:
             max_length=spec.max_length,
             scores=spec.scores,
             output_name=spec.output_name,
+            spelling_path=None if manifest.spelling is None else Path(model_dir) / manifest.spelling.path,
         )
 
     @classmethod
@@ -92,10 +96,12 @@ class EdgeModel:
         max_length: int = 0,
         scores: str = "logits",
         output_name: str = "",
+        spelling_path: Path | None = None,
     ) -> EdgeModel:
         """An ONNX Runtime edge model from explicit parts (the build uses this before a manifest exists)."""
         from edge_runtime.onnx_backend import OnnxRuntimeBackend
 
+        spelling = None if spelling_path is None else Vocabulary.load(spelling_path)
         backend = OnnxRuntimeBackend(Path(onnx_path), intra_op_threads=intra_op_threads, output_name=output_name)
         try:
             features = make_feeds(
@@ -115,12 +121,15 @@ class EdgeModel:
             backend=backend,
             features=features,
             scores=scores,
+            spelling=spelling,
         )
 
     def logits(self, rows: Sequence[Row]) -> np.ndarray:
         """float32 logits [n, K]."""
         if len(rows) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
+        if self.spelling is not None:
+            rows = self.spelling.correct_rows(rows)
         return as_logits(self.backend.run(self.features(rows)), self.scores, len(self.labels))
 
     def predict(self, rows: Sequence[Row]) -> Scored:

@@ -162,3 +162,22 @@ def test_edge_candidates_within_the_noise_margin_are_chosen_by_accuracy_then_siz
     assert choose_candidate([a, far]) is a, "beyond the margin the escalation decides"
     small = candidate("small", 0.13, 0.752, 2**16, 64)
     assert choose_candidate([a, small]) is small, "equal accuracy: the smaller"
+
+
+def test_the_served_int8_form_is_the_most_accurate_within_the_edge_bounds() -> None:
+    from training.build import served_form
+    from training.measure import VariantMeasurement
+
+    def form(accuracy: float, p50_ms: float) -> VariantMeasurement:
+        return VariantMeasurement(accuracy, 16 * 2**20, {"p50": p50_ms}, np.zeros((1, 2)))
+
+    variants = {
+        "dynamic_per_channel": form(0.769, 0.11),
+        "dynamic_per_tensor": form(0.768, 0.10),
+        "qdq": form(0.772, 7.0),
+    }
+    assert served_form(variants) == "dynamic_per_channel", "QDQ is more accurate but too slow for the edge"
+    assert served_form({**variants, "qdq": form(0.772, 0.2)}) == "qdq"
+    assert served_form({**variants, "dynamic_per_tensor": form(0.769, 0.09)}) == "dynamic_per_channel", "ties: first"
+    slow = {name: form(m.validation_accuracy, 9.0) for name, m in variants.items()}
+    assert served_form(slow) == "qdq", "none fits: the most accurate"

@@ -45,7 +45,7 @@ def test_bootstrap_intervals_are_seeded_and_hold_the_estimate() -> None:
 
 
 def test_eval_reports_intervals_and_a_robustness_section(tiny_models: Path, tmp_path: Path) -> None:
-    from training.evaluate import evaluate
+    from training.evaluate import UNCORRECTED_MISSPELL, evaluate
 
     report = evaluate(tiny_models, None, tmp_path / "report", latency_samples=10, robustness_rows=60)
     ci = report["test"]["ci95"]
@@ -54,7 +54,21 @@ def test_eval_reports_intervals_and_a_robustness_section(tiny_models: Path, tmp_
     assert ci["cascade_accuracy"][0] <= op["cascade_accuracy"] <= ci["cascade_accuracy"][1]
     robust = report["robustness"]
     assert robust["rows"] == 60
-    assert set(robust["families"]) == {"misspell", "typo", "casing", "drop_word", "reorder", "abbreviate", "pack_size"}
+    assert set(robust["families"]) == {
+        "misspell",
+        UNCORRECTED_MISSPELL,
+        "typo",
+        "casing",
+        "drop_word",
+        "reorder",
+        "abbreviate",
+        "pack_size",
+    }
+    # The same misspelled rows, read through the spelling vocabulary and as they came.
+    assert robust["spelling_correction"] is True
+    corrected, uncorrected = robust["families"]["misspell"], robust["families"][UNCORRECTED_MISSPELL]
+    assert corrected["changed_rows"] == uncorrected["changed_rows"]
+    assert corrected["cascade_accuracy"] >= uncorrected["cascade_accuracy"]
     for name, family in robust["families"].items():
         assert 0.0 <= family["cascade_accuracy"] <= 1.0 and family["cascade_vs_clean"] is not None, name
         assert family["changed_rows"] > 0.5, f"{name} changed too few rows"
@@ -62,6 +76,6 @@ def test_eval_reports_intervals_and_a_robustness_section(tiny_models: Path, tmp_
     assert "misspelled_escalation_rises" in report["targets"]
     markdown = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert "## Robustness: queries as shoppers type them" in markdown and "| misspell |" in markdown
-    assert "`typo`: one keyboard slip" in markdown
+    assert "`typo`: one keyboard slip" in markdown and f"| {UNCORRECTED_MISSPELL} |" in markdown
     again = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
     assert again["robustness"]["families"]["typo"] == robust["families"]["typo"]

@@ -4,7 +4,8 @@ and how rows are routed between the tiers.
 Format 2 declares the model's wire contract (`inputs`: one text input, or one numeric tensor; `output`: class
 labels, or one probability for a binary model) and, per tier, how its ONNX file is fed (`preprocess`: hashed
 n-grams, a `tokenizers` tokenizer, or the tensor as it came) and what it answers (`scores`: logits,
-probabilities, or one probability). Format 1 manifests (the built-in text task) read as format 2 with those
+probabilities, or one probability). A text model may name a spelling vocabulary (`spelling`, tiergate.spelling)
+that both tiers read queries through. Format 1 manifests (the built-in text task) read as format 2 with those
 fields at their built-in values.
 """
 
@@ -170,6 +171,8 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     inputs: list[InputSpec] = field(default_factory=lambda: [TEXT_INPUT])
     output: OutputSpec = field(default_factory=OutputSpec)
+    # Text models: the vocabulary both tiers correct query spelling with (tiergate.spelling); None: no correction.
+    spelling: ArtifactFile | None = None
 
     @property
     def input(self) -> InputSpec:
@@ -185,6 +188,7 @@ class Manifest:
             "edge.tokenizer": self.edge.tokenizer,
             "cloud.onnx": self.cloud.onnx,
             "cloud.tokenizer": self.cloud.tokenizer,
+            "spelling": self.spelling,
         }
         return {role: item for role, item in files.items() if item is not None}
 
@@ -299,6 +303,7 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
                 kind=_choice(output.get("kind", "classes"), OUTPUT_KINDS, "output.kind"),
                 positive_label=str(output.get("positive_label", "")),
             ),
+            spelling=_optional_artifact(raw, "spelling", "spelling"),
         )
     except ManifestError:
         raise
@@ -318,6 +323,8 @@ def check_manifest(manifest: Manifest) -> None:
             f"a binary model has two labels, the negative one first and its positive label second; the manifest "
             f"has labels {labels} and positive label {manifest.output.positive_label!r}"
         )
+    if manifest.spelling is not None and not manifest.input.text:
+        raise ManifestError(f"spelling correction is for text inputs; this model takes {manifest.input.describe()}")
     for tier, preprocess in (("edge", manifest.edge.preprocess), ("cloud", manifest.cloud.preprocess)):
         if tier == "cloud" and manifest.cloud.onnx is None:
             continue  # relayed upstream: the upstream server takes the input as sent
@@ -334,9 +341,9 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
 
 # The files each runtime loads, by role: a process verifies what it serves, not the whole set. A role the
 # manifest has no file for (an imported model without a tokenizer, say) is not checked.
-CLOUD_ROLES = ("cloud.onnx", "cloud.tokenizer")
+CLOUD_ROLES = ("cloud.onnx", "cloud.tokenizer", "spelling")
 EDGE_VARIANT_ROLES = {"int8": "edge.onnx", "fp32": "edge.fp32_onnx", "qdq": "edge.qdq_onnx"}
-EDGE_ROLES = ("edge.onnx", "edge.tokenizer")
+EDGE_ROLES = ("edge.onnx", "edge.tokenizer", "spelling")
 ROLES = frozenset({*CLOUD_ROLES, *EDGE_VARIANT_ROLES.values(), *EDGE_ROLES})
 
 

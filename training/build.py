@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 EDGE_DIR = "edge"
 CLOUD_DIR = "cloud"
 CANDIDATES_DIR = "candidates"
+SPELLING_FILE = "spelling.json"
 # The INT8 forms an edge candidate may serve, in order of preference when their accuracies tie.
 INT8_VARIANTS = ("dynamic_per_channel", "dynamic_per_tensor", "qdq")
 CLOUD_THREADS = 2
@@ -89,10 +90,11 @@ class CloudStage:
     lexical_seconds: float | None
     train_seconds: float
     soft_label_seconds: float
+    spelling: Path | None  # the spelling vocabulary both tiers read queries through, None without one
 
     def open(self, labels: list[str]) -> CloudModel:
         """The exported model through the serving runtime."""
-        return _open_cloud(self.onnx, self.tokenizer, labels, self.max_length, self.featurizer)
+        return _open_cloud(self.onnx, self.tokenizer, labels, self.max_length, self.featurizer, self.spelling)
 
     def timings(self) -> dict[str, float]:
         """The cloud stage's build timings for the manifest."""
@@ -211,13 +213,32 @@ def load_catalogue(data_dir: Path | None, task: str, seed: int, config: BuildCon
 
 
 def _open_cloud(
-    onnx: Path, tokenizer: Path, labels: list[str], max_length: int, featurizer: dict[str, Any] | None
+    onnx: Path,
+    tokenizer: Path,
+    labels: list[str],
+    max_length: int,
+    featurizer: dict[str, Any] | None,
+    spelling: Path | None,
 ) -> CloudModel:
     from cloud_runtime.model import CloudModel
 
     return CloudModel.from_files(
-        onnx, tokenizer, labels, max_length, intra_op_threads=CLOUD_THREADS, featurizer_config=featurizer
+        onnx,
+        tokenizer,
+        labels,
+        max_length,
+        intra_op_threads=CLOUD_THREADS,
+        featurizer_config=featurizer,
+        spelling_path=spelling,
     )
+
+
+def write_spelling(out_dir: Path, texts: list[str]) -> Path:
+    """The query spelling vocabulary of the training rows (tiergate.spelling), which both tiers read queries
+    through; the build measures every model through it, as it will be served."""
+    from tiergate.spelling import Vocabulary
+
+    return Vocabulary.from_texts(texts).save(out_dir / SPELLING_FILE)
 
 
 def alternative_row(
@@ -263,7 +284,9 @@ def train_lexical_part(data: DataSplit, n_labels: int, config: BuildConfig) -> L
     return LexicalPart(model=model, out_of_fold=out_of_fold, seconds=round(time.perf_counter() - started, 1))
 
 
-def train_cloud_stage(out_dir: Path, data: DataSplit, labels: list[str], config: BuildConfig, seed: int) -> CloudStage:
+def train_cloud_stage(
+    out_dir: Path, data: DataSplit, labels: list[str], config: BuildConfig, seed: int, spelling: Path | None
+) -> CloudStage:
     """Train the cloud model (the lexical branch and the deep model, each on its own, fused on validation into
     one ONNX graph), export it, and read it back through the serving runtime for the soft labels."""
     from tiergate.features import prepare_tokenizer
@@ -303,7 +326,7 @@ def train_cloud_stage(out_dir: Path, data: DataSplit, labels: list[str], config:
     tokenizer_path = save_tokenizer(tokenizer, out_dir / CLOUD_DIR / "tokenizer.json", cc.max_length)
     del cloud_net
     featurizer = lexical.model.featurizer if lexical is not None else None
-    cloud = _open_cloud(onnx, tokenizer_path, labels, cc.max_length, featurizer)
+    cloud = _open_cloud(onnx, tokenizer_path, labels, cc.max_length, featurizer, spelling)
     try:
         started = time.perf_counter()
         if lexical is not None and fusion is not None:
@@ -329,6 +352,7 @@ def train_cloud_stage(out_dir: Path, data: DataSplit, labels: list[str], config:
         lexical_seconds=lexical.seconds if lexical is not None else None,
         train_seconds=train_seconds,
         soft_label_seconds=soft_label_seconds,
+        spelling=spelling,
     )
 
 
@@ -349,19 +373,32 @@ def export_quantized_forms(
 
 
 def measure_edge_forms(
-    forms: QuantizedForms, featurizer: dict[str, Any], labels: list[str], val: Catalogue, samples: int
+    forms: QuantizedForms,
+    featurizer: dict[str, Any],
+    labels: list[str],
+    val: Catalogue,
+    samples: int,
+    spelling: Path | None = None,
 ) -> dict[str, VariantMeasurement]:
     """Each form's validation accuracy, size and batch-1 latency through the edge runtime."""
     from edge_runtime.model import EdgeModel
 
     measured: dict[str, VariantMeasurement] = {}
     for variant, path in forms.items():
-        model = EdgeModel.from_files(path, featurizer, labels)
+        model = EdgeModel.from_files(path, featurizer, labels, spelling_path=spelling)
         try:
             measured[variant] = measure_variant(model, path, val.texts, val.y, samples)
         finally:
             model.close()
     return measured
+
+
+def served_form(variants: dict[str, VariantMeasurement]) -> str:
+    """The INT8 form to serve: the best validation accuracy among the forms within the edge's bounds (among all
+    when none is). Ties go to the first in INT8_VARIANTS (per-channel), never to noisy latency, so builds stay
+    reproducible; the bounds are far from every form's measured latency (about 0.1 ms dynamic, 7 ms QDQ on CPU)."""
+    fitting = [v for v in INT8_VARIANTS if within_edge_bounds(variants[v].bytes, variants[v].batch1_latency_ms["p50"])]
+    return max(fitting or INT8_VARIANTS, key=lambda v: (variants[v].validation_accuracy, -INT8_VARIANTS.index(v)))
 
 
 def train_edge_candidate(
@@ -406,10 +443,8 @@ def train_edge_candidate(
     calibration_ids = train_ids[np.random.default_rng(seed).permutation(len(train_ids))[:CALIBRATION_ROWS]]
     folder = out_dir / CANDIDATES_DIR / edge_config.name
     forms = export_quantized_forms(net, folder, edge_config.max_features, calibration_ids)
-    variants = measure_edge_forms(forms, featurizer.config(), labels, val, config.latency_samples)
-    # Serve the INT8 form with the best validation accuracy; ties go to the first in INT8_VARIANTS
-    # (per-channel), never to noisy latency, so builds stay reproducible.
-    served = max(INT8_VARIANTS, key=lambda v: (variants[v].validation_accuracy, -INT8_VARIANTS.index(v)))
+    variants = measure_edge_forms(forms, featurizer.config(), labels, val, config.latency_samples, cloud.spelling)
+    served = served_form(variants)
     temperature = fit_temperature(variants[served].logits, val.y)
     escalation, signal = (
         least_escalation_at_floor(
@@ -512,8 +547,13 @@ def measure_test(
 
     test, val = data.test, data.validation
     signal, temperature = calibration.signal, chosen.temperature
-    edge_model = EdgeModel.from_files(files.int8, chosen.featurizer, labels, signal, temperature)
-    edge_fp32_model = EdgeModel.from_files(files.fp32, chosen.featurizer, labels, signal, temperature)
+    spelling = cloud.spelling
+    edge_model = EdgeModel.from_files(
+        files.int8, chosen.featurizer, labels, signal, temperature, spelling_path=spelling
+    )
+    edge_fp32_model = EdgeModel.from_files(
+        files.fp32, chosen.featurizer, labels, signal, temperature, spelling_path=spelling
+    )
     cloud_model = cloud.open(labels)
     try:
         edge_test = batched_logits(edge_model, test.texts)
@@ -559,7 +599,8 @@ def build_from_catalogue(
     data = DataSplit.of(catalogue, grouped_split(catalogue.texts, seed))
     logger.info("split %s over %d labels", data.split.sizes(), len(labels))
 
-    cloud = train_cloud_stage(out_dir, data, labels, config, seed)
+    spelling = write_spelling(out_dir, data.train.texts) if config.spelling_correction else None
+    cloud = train_cloud_stage(out_dir, data, labels, config, seed, spelling)
     edge_started = time.perf_counter()
     candidates = [train_edge_candidate(c, out_dir, data, labels, cloud, config, seed) for c in config.edge_candidates]
     edge_seconds = round(time.perf_counter() - edge_started, 1)
@@ -634,6 +675,7 @@ def build_from_catalogue(
             featurizer=cloud.featurizer,
         ),
         routing=calibration.routing,
+        spelling=None if spelling is None else artifact(out_dir, spelling),
         metrics={
             "test": test.as_dict(),
             "timings_s": timings,

@@ -89,6 +89,8 @@ class BuildConfig:
     edge_augment_copies: int = 0
     # Calibrate to a quality floor at its lower confidence bound on validation (bootstrap), not its point estimate.
     calibrate_at_lower_bound: bool = False
+    # Ship a spelling vocabulary of the training rows that both tiers correct queries with (tiergate.spelling).
+    spelling_correction: bool = True
 
 
 # What the real and the demo builds' cloud models share: fine-tuned MiniLM, bf16 autocast on the
@@ -103,7 +105,7 @@ def default_config(real_data: bool) -> BuildConfig:
             cloud=replace(
                 _MINILM,
                 max_length=32,
-                epochs=5,
+                epochs=3,
                 batch_size=64,
                 lr=1.5e-4,
                 lexical_buckets=2**18,

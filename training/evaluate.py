@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import random
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ MAX_ESCALATION = 0.15
 # Test rows each perturbation family is applied to (a seeded sample: the cloud model runs on every copy).
 ROBUSTNESS_ROWS = 2000
 ROBUSTNESS_SEED = 2024
+UNCORRECTED_MISSPELL = "misspell, no spelling correction"
 # Misspelled queries must keep this share of the clean rows' cascade accuracy.
 ROBUSTNESS_FLOOR = 0.95
 
@@ -272,6 +276,18 @@ def _operating(
     }
 
 
+@contextlib.contextmanager
+def _spelling(edge: EdgeModel, cloud: CloudModel, on: bool) -> Iterator[None]:
+    """Both models with their spelling vocabularies (on) or reading rows as they came (off)."""
+    kept = edge.spelling, cloud.spelling
+    if not on:
+        edge.spelling = cloud.spelling = None
+    try:
+        yield
+    finally:
+        edge.spelling, cloud.spelling = kept
+
+
 def robustness(
     edge: EdgeModel,
     cloud: CloudModel,
@@ -290,9 +306,17 @@ def robustness(
     sample, y = [texts[i] for i in pick], gold[pick]
     clean = _operating(batched_logits(edge, sample), batched_logits(cloud, sample), y, manifest)
     families: dict[str, Any] = {}
-    for name, family in {"misspell": augment.misspell, **augment.FAMILIES}.items():
+    runs: list[tuple[str, Callable[[str, random.Random], str], bool]] = [
+        ("misspell", augment.misspell, True),
+        *((name, family, True) for name, family in augment.FAMILIES.items()),
+    ]
+    if edge.spelling is not None or cloud.spelling is not None:
+        # What the spelling vocabulary is worth: the misspelled rows again, read as they came.
+        runs.insert(1, (UNCORRECTED_MISSPELL, augment.misspell, False))
+    for name, family, corrected in runs:
         copies = augment.perturbed_copies(sample, family, seed)
-        measured = _operating(batched_logits(edge, copies), batched_logits(cloud, copies), y, manifest)
+        with _spelling(edge, cloud, on=corrected):
+            measured = _operating(batched_logits(edge, copies), batched_logits(cloud, copies), y, manifest)
         measured["changed_rows"] = share(np.array([a != b for a, b in zip(sample, copies, strict=True)]))
         measured["cascade_vs_clean"] = (
             round(measured["cascade_accuracy"] / clean["cascade_accuracy"], 4) if clean["cascade_accuracy"] else None
@@ -302,6 +326,7 @@ def robustness(
     return {
         "rows": len(sample),
         "seed": seed,
+        "spelling_correction": edge.spelling is not None,
         "families_described": (augment.__doc__ or "").strip(),
         "clean": clean,
         "families": families,
@@ -377,7 +402,14 @@ def _robustness_lines(section: dict[str, Any] | None) -> list[str]:
         "",
         f"{section['rows']} test rows (seeded sample, seed {section['seed']}); each family perturbs every row once. "
         f"Clean, the same rows: cascade {_pct(clean['cascade_accuracy'])} at {_pct(clean['escalation'])} "
-        "escalation.",
+        "escalation."
+        + (
+            " Both tiers read queries through the build's spelling vocabulary (tiergate.spelling: a word not in "
+            "the training rows, one edit from one that is, is read as the most frequent such word); "
+            f"'{UNCORRECTED_MISSPELL}' is the misspelled rows with that turned off."
+            if section.get("spelling_correction")
+            else ""
+        ),
         "",
         "| family | rows changed | edge | cloud | cascade | cascade / clean | escalation | change |",
         "|---|---|---|---|---|---|---|---|",
