@@ -82,6 +82,7 @@ class CloudModel:
             raise FileNotFoundError(
                 f"cloud tokenizer {tokenizer_path} does not exist; build the models with `tiergate models build`"
             )
+        spelling = None if spelling_path is None else Vocabulary.load(spelling_path)
         session = cpu_session(Path(onnx_path), intra_op_threads, "cloud ONNX")
         try:
             features = make_feeds(
@@ -93,7 +94,6 @@ class CloudModel:
             )
         except ValueError as error:
             raise ValueError(f"cloud ONNX model {Path(onnx_path).name}: {error}") from None
-        spelling = None if spelling_path is None else Vocabulary.load(spelling_path)
         logger.info("cloud model loaded %s (%d intra-op threads)", Path(onnx_path).name, intra_op_threads)
         return cls(
             labels=list(labels),

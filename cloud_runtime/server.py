@@ -16,7 +16,7 @@ from proto.tiergate import cloud_pb2, cloud_pb2_grpc
 from tiergate.constants import REQUEST_ID_METADATA
 from tiergate.envelope import Keyring, Sealer
 from tiergate.keys import apply_key_dir, load_keyring
-from tiergate.manifest import CLOUD_ROLES, model_directories, newest_verified
+from tiergate.manifest import CLOUD_ROLES, SPELLING_ROLE, model_directories, newest_verified
 from tiergate.metrics import MetricsServer
 from tiergate.rpc import AuditInterceptor, ManagedServer
 from tiergate.security import Boundary, serving_credentials
@@ -74,12 +74,18 @@ class CloudServer:
             self.upstream = grpc.aio.insecure_channel(settings.upstream)
         models: dict[str, CloudServed] = {}
         for name, root in model_directories(settings.models_dir, settings.model_name).items():
-            chosen = newest_verified(root, [] if self.upstream is not None else CLOUD_ROLES)
+            # Relaying, the cloud reads no model file of its own but the spelling vocabulary, where there is one.
+            chosen = newest_verified(root, [SPELLING_ROLE] if self.upstream is not None else CLOUD_ROLES)
             manifest = chosen.manifest
             model: CloudModel | UpstreamModel
             if self.upstream is not None:
                 model = UpstreamModel.for_manifest(
-                    self.upstream, settings.upstream, name, manifest, timeout_s=settings.upstream_timeout_s
+                    self.upstream,
+                    settings.upstream,
+                    name,
+                    manifest,
+                    timeout_s=settings.upstream_timeout_s,
+                    model_dir=chosen.path,
                 )
             else:
                 model = CloudModel.load(chosen.path, manifest, intra_op_threads=settings.intra_op_threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,6 +23,7 @@ from tiergate.hop_rows import NUMPY_TYPES
 from tiergate.inputs import Row, stack, texts_of
 from tiergate.manifest import InputSpec, Manifest, UpstreamSpec
 from tiergate.scoring import Scored, as_logits, score
+from tiergate.spelling import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class UpstreamModel:
         temperature: float,
         signal: str,
         timeout_s: float = 5.0,
+        spelling: Vocabulary | None = None,
     ) -> None:
         """`timeout_s`: the longest one upstream call may take (less when the gateway's deadline is nearer)."""
         self.labels = labels
@@ -63,14 +66,28 @@ class UpstreamModel:
         self._model_version = spec.model_version
         self._output = spec.output_name
         self._scores = spec.scores
+        self.spelling = spelling
 
     @classmethod
     def for_manifest(
-        cls, channel: grpc.aio.Channel, target: str, name: str, manifest: Manifest, timeout_s: float = 5.0
+        cls,
+        channel: grpc.aio.Channel,
+        target: str,
+        name: str,
+        manifest: Manifest,
+        timeout_s: float = 5.0,
+        model_dir: Path | None = None,
     ) -> UpstreamModel:
         """The upstream as the manifest's `cloud.upstream` declares it (defaults: the same model name, its first
-        output, holding logits), with the cloud tier's temperature and the routing signal."""
+        output, holding logits), with the cloud tier's temperature and the routing signal. Where the manifest
+        names a spelling vocabulary (read from `model_dir`), texts are corrected before they are relayed, as the
+        edge corrects them: the routing was calibrated on both tiers reading them so."""
         spec = manifest.cloud.upstream or UpstreamSpec(scores=manifest.cloud.scores)
+        spelling = None
+        if manifest.spelling is not None:
+            if model_dir is None:
+                raise ValueError(f"model {name!r} names a spelling vocabulary; its directory is needed to read it")
+            spelling = Vocabulary.load(Path(model_dir) / manifest.spelling.path)
         return cls(
             channel,
             target,
@@ -81,13 +98,14 @@ class UpstreamModel:
             temperature=manifest.cloud.temperature,
             signal=manifest.routing.signal,
             timeout_s=timeout_s,
+            spelling=spelling,
         )
 
     def _request(self, rows: Sequence[Row]) -> pb.ModelInferRequest:
         request = pb.ModelInferRequest(model_name=self._model_name, model_version=self._model_version)
         tensor = request.inputs.add(name=self._input.name, datatype=self._input.datatype)
         if self._input.text:
-            texts = texts_of(rows)
+            texts = texts_of(rows if self.spelling is None else self.spelling.correct_rows(rows))
             tensor.shape.append(len(texts))
             request.raw_input_contents.append(b"".join(_LENGTH.pack(len(b)) + b for b in (t.encode() for t in texts)))
         else:

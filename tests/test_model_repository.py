@@ -349,7 +349,9 @@ async def test_the_cloud_relays_to_an_upstream_oip_server_and_the_hop_stays_seal
         tap = TapProxy(backend.cloud.managed.port)
         tap_port = await tap.start()
         tapped = await start_stack(with_cloud=False, cloud_target=f"127.0.0.1:{tap_port}")
-        texts = ["zzqx organic heirloom tomatoes", "zzqx sparkling lime water"]
+        # The second row's slip is corrected before it is relayed, as the edge corrects it (the model's vocabulary).
+        texts = ["zzqx organic heirloom tomatoes", "zzqx vanila yogurt"]
+        assert model.spelling is not None and model.spelling.correct(texts[1]) == "zzqx vanilla yogurt"
         (result,) = await tritonclient(
             tapped.target, {"op": "infer", "model": MODEL_NAME, "texts": texts, "parameters": {"tier": "cloud"}}
         )
@@ -357,7 +359,7 @@ async def test_the_cloud_relays_to_an_upstream_oip_server_and_the_hop_stays_seal
         expected = model.predict(texts)
         assert result["label"] == [model.labels[int(i)] for i in expected.label_index]
         np.testing.assert_allclose(result["confidence"], expected.probability, rtol=1e-5)
-        assert upstream.seen == texts, "the upstream got the opened rows, inside the cloud network"
+        assert upstream.seen == [texts[0], "zzqx vanilla yogurt"], "the opened rows, inside the cloud network"
         assert len(tap.to_upstream) > 0
         assert b"zzqx" not in bytes(tap.to_upstream) and b"zzqx" not in bytes(tap.to_client), "no plaintext"
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
-from tiergate.manifest import ManifestError, load_manifest, manifest_from_dict, manifest_to_dict
+from tiergate.manifest import SPELLING_FORMAT, ManifestError, load_manifest, manifest_from_dict, manifest_to_dict
 from tiergate.spelling import Vocabulary, within_one_edit
 from training import augment
 
@@ -43,7 +44,6 @@ def vocabulary() -> Vocabulary:
         ("tortllas", "tortillas"),  # a letter dropped
         ("tortilllas", "tortillas"),  # a letter doubled
         ("tortiklas", "tortillas"),  # a neighbouring key
-        ("Chocolaye", "chocolate"),  # case folded
     ],
 )
 def test_one_slip_from_a_catalogue_word_is_corrected(vocabulary: Vocabulary, typed: str, meant: str) -> None:
@@ -52,6 +52,7 @@ def test_one_slip_from_a_catalogue_word_is_corrected(vocabulary: Vocabulary, typ
 
 def test_only_the_corrected_words_change(vocabulary: Vocabulary) -> None:
     assert vocabulary.correct("Whole Wheat Trtillas, 12 ct") == "Whole Wheat tortillas, 12 ct"
+    assert vocabulary.correct("CHOCOLAYE Chip") == "chocolate Chip", "a slip in any case is found"
     assert vocabulary.correct("Sparkling Water Lime") == "Sparkling Water Lime", "known words are left alone"
 
 
@@ -59,21 +60,34 @@ def test_what_is_left_alone(vocabulary: Vocabulary) -> None:
     assert vocabulary.correct_word("lie") == "lie", "short words are one edit from too many others"
     assert vocabulary.correct_word("12oz") == "12oz", "sizes and codes are not words"
     assert vocabulary.correct_word("kombucha") == "kombucha", "nothing within one edit: unchanged"
-    # "tortilla" and "tortillas" each appear once here: a word seen once is not offered as a correction.
+    # "tortilla" appears once here: a word seen once is not offered as a correction.
     assert Vocabulary.from_texts(["Tortilla Chips"]).correct_word("tortila") == "tortila"
+    assert vocabulary.correct("cafe\u0301 Chocolaye") == "cafe\u0301 chocolate", "a word with combining marks as typed"
+
+
+def test_a_word_longer_than_any_in_the_vocabulary_costs_nothing(vocabulary: Vocabulary) -> None:
+    """Rows may be kilobytes of one word: nothing is within one edit of it, so it is neither searched nor cached."""
+    long_word = "tortillas" * 200
+    assert vocabulary.correct_word(long_word) == long_word
+    assert vocabulary.correct_word("chocolates") == "chocolate", "one letter longer than the longest is still searched"
+    assert long_word not in vocabulary._corrected
 
 
 def test_the_most_frequent_candidate_wins_and_ties_do_not_depend_on_order() -> None:
     texts = ["salsa verde"] * 3 + ["salsa roja"] * 3 + ["sala mix"] * 2 + ["sals mix"] * 2
     vocabulary = Vocabulary.from_texts(texts)
     assert vocabulary.correct_word("salss") == "salsa", "salsa (6) beats sals (2), both one edit away"
-    assert Vocabulary.from_texts(list(reversed(texts))).correct_word("salss") == "salsa"
+    # bread and broad tie, one edit from "bryad" each: the later word wins whichever order the counts come in.
+    assert Vocabulary({"bread": 3, "broad": 3}).correct_word("bryad") == "broad"
+    assert Vocabulary({"broad": 3, "bread": 3}).correct_word("bryad") == "broad"
 
 
 def test_within_one_edit() -> None:
     assert within_one_edit("milk", "mlik") and within_one_edit("milk", "milks") and within_one_edit("milk", "mik")
     assert within_one_edit("milk", "silk") and within_one_edit("milk", "milk")
     assert not within_one_edit("milk", "mkli") and not within_one_edit("milk", "mi") and not within_one_edit("a", "abc")
+    assert within_one_edit("milk", "mikl") and within_one_edit("", "a") and within_one_edit("", "")
+    assert not within_one_edit("", "ab") and not within_one_edit("milk", "kilm")
 
 
 def test_file_round_trip_is_byte_stable(tmp_path: Path, vocabulary: Vocabulary) -> None:
@@ -131,7 +145,18 @@ def test_built_models_ship_a_vocabulary_both_tiers_read_through(tiny_models: Pat
 def test_the_manifest_names_the_vocabulary_for_text_models_only(tiny_models: Path) -> None:
     raw = manifest_to_dict(load_manifest(tiny_models))
     assert raw["spelling"]["path"] == "spelling.json"
+    assert raw["format_version"] == SPELLING_FORMAT, "a reader that would ignore the vocabulary refuses the set"
     assert manifest_from_dict({**raw, "spelling": None}).spelling is None, "no vocabulary: no correction"
     tensor_input = [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
     with pytest.raises(ManifestError, match="spelling correction is for text inputs"):
         manifest_from_dict({**raw, "inputs": tensor_input, "edge": {**raw["edge"], "featurizer": None}})
+
+
+def test_a_changed_vocabulary_is_caught_by_both_tiers(tiny_models: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_models, copy)
+    vocabulary = copy / "spelling.json"
+    vocabulary.write_text(vocabulary.read_text(encoding="utf-8").replace('"min_count":2', '"min_count":1'))
+    for load in (EdgeModel.load, CloudModel.load):
+        with pytest.raises(ManifestError, match="corrupt"):
+            load(copy)

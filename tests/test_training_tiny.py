@@ -23,7 +23,7 @@ from training.tiny import build_tiny_models, tiny_examples
 
 def test_manifest_fields(tiny_models: Path) -> None:
     manifest = load_manifest(tiny_models)
-    assert manifest.format_version == 2
+    assert manifest.format_version == 3, "format 3: a manifest naming a spelling vocabulary"
     assert [(i.name, i.datatype, i.shape) for i in manifest.inputs] == [("text", "BYTES", [-1])]
     assert manifest.output.kind == "classes" and manifest.edge.preprocess == "ngrams"
     assert manifest.cloud.preprocess == "tokenizer" and manifest.cloud.scores == "logits"

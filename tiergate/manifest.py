@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# Format 3 is format 2 plus `spelling`. A manifest naming a vocabulary is written as 3, so that an older reader,
+# which would ignore the field and serve the model uncorrected, refuses it instead.
+SPELLING_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 
 # The OIP datatypes an input may have: BYTES is a text per row; the others are numeric tensors.
 INPUT_DATATYPES = ("BYTES", "FP32", "INT64")
@@ -341,9 +344,10 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
 
 # The files each runtime loads, by role: a process verifies what it serves, not the whole set. A role the
 # manifest has no file for (an imported model without a tokenizer, say) is not checked.
-CLOUD_ROLES = ("cloud.onnx", "cloud.tokenizer", "spelling")
+SPELLING_ROLE = "spelling"
+CLOUD_ROLES = ("cloud.onnx", "cloud.tokenizer", SPELLING_ROLE)
 EDGE_VARIANT_ROLES = {"int8": "edge.onnx", "fp32": "edge.fp32_onnx", "qdq": "edge.qdq_onnx"}
-EDGE_ROLES = ("edge.onnx", "edge.tokenizer", "spelling")
+EDGE_ROLES = ("edge.onnx", "edge.tokenizer", SPELLING_ROLE)
 ROLES = frozenset({*CLOUD_ROLES, *EDGE_VARIANT_ROLES.values(), *EDGE_ROLES})
 
 

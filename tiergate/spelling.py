@@ -6,7 +6,8 @@ vocabulary, built from the training rows (``Vocabulary.from_texts``) and shipped
 ``spelling.json``. A query word is left alone when it is in the vocabulary, is shorter than ``min_length`` or is
 not all letters (sizes, codes); otherwise it becomes the most frequent vocabulary word within one edit (a letter
 inserted, dropped, replaced, or two neighbours swapped: the optimal-string-alignment distance), if there is one.
-Only the words corrected change; the rest of the text is passed on as it came.
+Only the words corrected change; the rest of the text is passed on as it came. A word next to a combining mark
+("cafe" then U+0301) is left as typed: a word ends before the mark, and the featurizers normalise such text themselves.
 
 Candidates are found the SymSpell way: every vocabulary word is indexed under itself and each of its one-letter
 deletions, so a query word needs only its own deletions looked up, not a scan of the vocabulary.
@@ -72,10 +73,15 @@ class Vocabulary:
         self.min_length = int(min_length)
         self.min_count = int(min_count)
         self._index: dict[str, list[str]] = {}
+        longest = 0
         for word, count in self.counts.items():
             if count >= min_count and len(word) >= min_length and word.isalpha():
+                longest = max(longest, len(word))
                 for key in _deletions(word) | {word}:
                     self._index.setdefault(key, []).append(word)
+        # No word offered is within one edit of a longer word than this: such words are answered at once, and
+        # neither their deletions (quadratic in the length) nor a cache entry are paid for.
+        self._longest = longest + 1
         self._corrected: dict[str, str] = {}
 
     @classmethod
@@ -86,7 +92,7 @@ class Vocabulary:
 
     def correct_word(self, word: str) -> str:
         """``word`` (case-folded) corrected, or unchanged when it needs or has no correction."""
-        if word in self.counts or len(word) < self.min_length or not word.isalpha():
+        if word in self.counts or not self.min_length <= len(word) <= self._longest or not word.isalpha():
             return word
         cached = self._corrected.get(word)
         if cached is not None:
@@ -105,6 +111,11 @@ class Vocabulary:
 
         def fix(match: re.Match[str]) -> str:
             word = match.group(0)
+            start, end = match.span()
+            if (end < len(text) and unicodedata.combining(text[end])) or (
+                start > 0 and unicodedata.combining(text[start - 1])
+            ):
+                return word
             folded = _normalise(word)
             fixed = self.correct_word(folded)
             return word if fixed == folded else fixed

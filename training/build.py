@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tiergate.features import HashedNgramFeaturizer
-from tiergate.manifest import FORMAT_VERSION, CloudSpec, EdgeSpec, Manifest, RoutingSpec, artifact, write_manifest
+from tiergate.manifest import (
+    FORMAT_VERSION,
+    SPELLING_FORMAT,
+    CloudSpec,
+    EdgeSpec,
+    Manifest,
+    RoutingSpec,
+    artifact,
+    write_manifest,
+)
 from training.config import BuildConfig, EdgeConfig, default_config, within_edge_bounds
 from training.data import (
     DEMO_SOURCE,
@@ -235,7 +244,9 @@ def _open_cloud(
 
 def write_spelling(out_dir: Path, texts: list[str]) -> Path:
     """The query spelling vocabulary of the training rows (tiergate.spelling), which both tiers read queries
-    through; the build measures every model through it, as it will be served."""
+    through. The build measures the exported models through it, as they will be served (each candidate's forms,
+    the cloud's validation logits, calibration and test); training and the cloud's fusion read the rows as they
+    are, which the vocabulary leaves unchanged on the training rows and on all but a few validation rows."""
     from tiergate.spelling import Vocabulary
 
     return Vocabulary.from_texts(texts).save(out_dir / SPELLING_FILE)
@@ -395,8 +406,9 @@ def measure_edge_forms(
 
 def served_form(variants: dict[str, VariantMeasurement]) -> str:
     """The INT8 form to serve: the best validation accuracy among the forms within the edge's bounds (among all
-    when none is). Ties go to the first in INT8_VARIANTS (per-channel), never to noisy latency, so builds stay
-    reproducible; the bounds are far from every form's measured latency (about 0.1 ms dynamic, 7 ms QDQ on CPU)."""
+    when none is). Ties go to the first in INT8_VARIANTS (per-channel), not to the faster form. Which forms fit
+    rests on measured latency, but the bound (2 ms) is far from every form's latency here (about 0.1 ms dynamic,
+    7 ms QDQ on CPU), so builds stay reproducible; a form measuring near the bound could flip between builds."""
     fitting = [v for v in INT8_VARIANTS if within_edge_bounds(variants[v].bytes, variants[v].batch1_latency_ms["p50"])]
     return max(fitting or INT8_VARIANTS, key=lambda v: (variants[v].validation_accuracy, -INT8_VARIANTS.index(v)))
 
@@ -644,7 +656,7 @@ def build_from_catalogue(
     ]
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION if spelling is None else SPELLING_FORMAT,
         version=created.strftime("%Y%m%dT%H%M%SZ"),
         created_at=created.isoformat(),
         task=task,

@@ -115,8 +115,10 @@ def truncated_minilm_alternative(
     int8 = quantize_dynamic_int8(fp32, work_dir / f"minilm{layers}l_int8_pc.onnx", per_channel=True)
     tok_path = save_tokenizer(tokenizer, work_dir / "tokenizer.json", max_length)
     measured: dict[str, VariantMeasurement] = {}
+    # Measured as the built edge is served: through the model set's spelling vocabulary, where it has one.
+    spelling = None if manifest.spelling is None else model_dir / manifest.spelling.path
     for name, path in (("fp32", fp32), (SERVED_VARIANT, int8)):
-        model = CloudModel.from_files(path, tok_path, labels, max_length)
+        model = CloudModel.from_files(path, tok_path, labels, max_length, spelling_path=spelling)
         try:
             measured[name] = measure_variant(model, path, val.texts, val.y, LATENCY_SAMPLES)
         finally:

@@ -310,7 +310,8 @@ def robustness(
         ("misspell", augment.misspell, True),
         *((name, family, True) for name, family in augment.FAMILIES.items()),
     ]
-    if edge.spelling is not None or cloud.spelling is not None:
+    spelling = edge.spelling is not None or cloud.spelling is not None
+    if spelling:
         # What the spelling vocabulary is worth: the misspelled rows again, read as they came.
         runs.insert(1, (UNCORRECTED_MISSPELL, augment.misspell, False))
     for name, family, corrected in runs:
@@ -326,7 +327,7 @@ def robustness(
     return {
         "rows": len(sample),
         "seed": seed,
-        "spelling_correction": edge.spelling is not None,
+        "spelling_correction": spelling,
         "families_described": (augment.__doc__ or "").strip(),
         "clean": clean,
         "families": families,
