@@ -23,7 +23,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tiergate.features import HashedNgramFeaturizer
 from tiergate.inputs import Row
+
+# Words are looked up as the edge's featurizer reads them: NFKC and lower case.
+_normalise = HashedNgramFeaturizer.normalise
 
 FORMAT = 1
 # A word must be this long to be corrected or to be offered as a correction: shorter ones are one edit from
@@ -34,10 +38,6 @@ MIN_LENGTH = 4
 MIN_COUNT = 2
 _WORD = re.compile(r"\w+", re.UNICODE)
 _CACHE_LIMIT = 100_000
-
-
-def _normalise(word: str) -> str:
-    return unicodedata.normalize("NFKC", word).lower()
 
 
 def _deletions(word: str) -> set[str]:
