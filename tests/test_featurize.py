@@ -97,8 +97,10 @@ def test_ngram_blocks_concatenate_and_round_trip() -> None:
     np.testing.assert_array_equal(ids[:, 8:], chars.transform(["Organic Milk", ""]))
     assert (ids[0, :8] != 0).sum() == 3  # two words and one bigram, no character n-grams
     np.testing.assert_array_equal(NgramBlocks.from_config(blocks.config()).transform(["Organic Milk"]), ids[:1])
-    with pytest.raises(ValueError, match="same number of buckets"):
-        NgramBlocks([words, HashedNgramFeaturizer(n_buckets=256)])
+    small = HashedNgramFeaturizer(n_buckets=64, max_features=8)  # each block keeps its own bucket count
+    mixed = NgramBlocks([words, small]).transform(["Organic Milk"])
+    np.testing.assert_array_equal(mixed[:, 8:], small.transform(["Organic Milk"]))
+    assert mixed[:, 8:].max() < 64 < mixed[:, :8].max()
     with pytest.raises(ValueError, match="unsupported n-gram blocks"):
         NgramBlocks.from_config(words.config())
 

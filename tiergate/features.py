@@ -155,16 +155,15 @@ class NgramBlocks:
     """Several hashed n-gram featurizers side by side: ids [n, sum of widths], one block after another.
 
     The cloud's lexical branch weighs each block on its own (word n-grams as much as character
-    n-grams, whatever their counts), so it needs to know where each block starts.
+    n-grams, whatever their counts), so it needs to know where each block starts. Each block hashes into its own
+    number of buckets: an edge graph that carries the lexical branch reads its MLP's block and the branch's
+    blocks from one row, each into its own tables.
     """
 
     def __init__(self, blocks: Sequence[HashedNgramFeaturizer]) -> None:
         if not blocks:
             raise ValueError("NgramBlocks needs at least one featurizer")
-        if len({b.n_buckets for b in blocks}) != 1:
-            raise ValueError("all blocks must hash into the same number of buckets")
         self.blocks = list(blocks)
-        self.n_buckets = self.blocks[0].n_buckets
         self.widths = [b.max_features for b in self.blocks]
 
     def config(self) -> dict[str, Any]:

@@ -56,8 +56,9 @@ from training.measure import (
 )
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from cloud_runtime.model import CloudModel
-    from training.edge_train import EdgeNet
     from training.lexical import LexicalModel
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class CloudStage:
     train_seconds: float
     soft_label_seconds: float
     spelling: Path | None  # the spelling vocabulary both tiers read queries through, None without one
+    lexical: LexicalModel | None  # the cloud's lexical branch, which an edge candidate may carry too
 
     def open(self, labels: list[str]) -> CloudModel:
         """The exported model through the serving runtime."""
@@ -145,7 +147,7 @@ class EdgeCandidate:
     variants: dict[str, VariantMeasurement]
     served_variant: str
     temperature: float
-    featurizer: dict[str, Any]  # HashedNgramFeaturizer config
+    featurizer: dict[str, Any]  # HashedNgramFeaturizer config, or NgramBlocks config when it carries the lexical branch
     escalation_at_quality_floor: float  # NaN without a quality target
     best_signal_at_floor: str
     within_bounds: bool
@@ -364,11 +366,12 @@ def train_cloud_stage(
         train_seconds=train_seconds,
         soft_label_seconds=soft_label_seconds,
         spelling=spelling,
+        lexical=lexical.model if lexical is not None else None,
     )
 
 
 def export_quantized_forms(
-    net: EdgeNet, folder: Path, max_features: int, calibration_ids: np.ndarray
+    net: nn.Module, folder: Path, max_features: int, calibration_ids: np.ndarray
 ) -> QuantizedForms:
     """FP32 ONNX of the trained edge network and its INT8 forms (static QDQ, dynamic per channel and per tensor)."""
     from training.edge_train import export_edge_onnx
@@ -422,9 +425,14 @@ def train_edge_candidate(
     config: BuildConfig,
     seed: int,
 ) -> EdgeCandidate:
-    """Distil one edge architecture from the cloud's soft labels, export and quantize it, and measure it."""
+    """Distil one edge architecture from the cloud's soft labels, export and quantize it, and measure it.
+
+    With ``config.edge_lexical`` (and a cloud that has a lexical branch) the exported graph also carries the
+    cloud's lexical branch, fused with the distilled MLP (``training.edge_lexical``)."""
+
     from training.calibrate import fit_temperature, least_escalation_at_floor
-    from training.edge_train import train_edge
+    from training.edge_lexical import with_lexical
+    from training.edge_train import predict_edge, train_edge
 
     started = time.perf_counter()
     from training.augment import augmented
@@ -452,10 +460,19 @@ def train_edge_candidate(
         progress=config.progress,
     )
     training_info["augment_copies"] = copies
-    calibration_ids = train_ids[np.random.default_rng(seed).permutation(len(train_ids))[:CALIBRATION_ROWS]]
+    pick = np.random.default_rng(seed).permutation(len(train_ids))[:CALIBRATION_ROWS]
+    served_net: nn.Module = net
+    served_featurizer, calibration_ids = featurizer.config(), train_ids[pick]
+    if config.edge_lexical and cloud.lexical is not None:
+        served_net, blocks, fusion_info = with_lexical(
+            net, featurizer, cloud.lexical, predict_edge(net, val_ids), val.texts, val.y
+        )
+        training_info["lexical_branch"] = fusion_info
+        served_featurizer = blocks.config()
+        calibration_ids = blocks.transform([train.texts[i] for i in pick])
     folder = out_dir / CANDIDATES_DIR / edge_config.name
-    forms = export_quantized_forms(net, folder, edge_config.max_features, calibration_ids)
-    variants = measure_edge_forms(forms, featurizer.config(), labels, val, config.latency_samples, cloud.spelling)
+    forms = export_quantized_forms(served_net, folder, calibration_ids.shape[1], calibration_ids)
+    variants = measure_edge_forms(forms, served_featurizer, labels, val, config.latency_samples, cloud.spelling)
     served = served_form(variants)
     temperature = fit_temperature(variants[served].logits, val.y)
     escalation, signal = (
@@ -473,7 +490,7 @@ def train_edge_candidate(
         variants=variants,
         served_variant=served,
         temperature=temperature,
-        featurizer=featurizer.config(),
+        featurizer=served_featurizer,
         escalation_at_quality_floor=escalation,
         best_signal_at_floor=signal,
         within_bounds=within_edge_bounds(variants[served].bytes, variants[served].batch1_latency_ms["p50"]),

@@ -127,43 +127,64 @@ def fit_fusion(deep: np.ndarray, lexical: np.ndarray, y: np.ndarray) -> Fusion:
     return best[2]
 
 
-class FusedCloudNet(nn.Module):
-    """The deep classifier and the lexical branch in one graph: logits, deep_logits, lexical_logits.
-
-    Inputs: input_ids, attention_mask (the tokenizer's) and ngram_ids (the lexical featurizer's,
-    0 = padding). The lexical part is the TF-IDF sum of ``training.lexical`` as Gather + MatMul.
-    """
+class LexicalHead(nn.Module):
+    """The lexical branch as a graph: the TF-IDF sum of ``training.lexical`` as Gather + MatMul over its blocks of
+    hashed ids (0 = padding), each block normalised on its own, then the linear model's margins."""
 
     idf: torch.Tensor  # buffers, declared so they type as tensors rather than Module attributes
     intercept: torch.Tensor
+
+    def __init__(self, lexical: LexicalModel) -> None:
+        super().__init__()
+        self.register_buffer("idf", torch.from_numpy(np.asarray(lexical.idf, dtype=np.float32)))
+        self.register_buffer("intercept", torch.from_numpy(np.asarray(lexical.intercept, dtype=np.float32)))
+        self.coef = nn.Embedding.from_pretrained(torch.from_numpy(np.asarray(lexical.coef, dtype=np.float32)))
+        self.widths = list(lexical.widths)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids int [n, sum of widths] -> margins [n, K]."""
+        ids = ids.long()
+        blocks, start = [], 0
+        for width in self.widths:
+            weights = self.idf[ids[:, start : start + width]]
+            blocks.append(weights / weights.pow(2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12))
+            start += width
+        weights = torch.cat(blocks, dim=1)
+        return torch.bmm(weights.unsqueeze(1), self.coef(ids)).squeeze(1) + self.intercept
+
+
+def fused_log_probs(first: torch.Tensor, lexical: torch.Tensor, fusion: Fusion) -> torch.Tensor:
+    """``fuse`` in the graph: the first part's log-probabilities and the lexical margins' at ``fusion.gamma``."""
+    fused = fusion.alpha * torch.log_softmax(first, dim=1)
+    if fusion.alpha < 1.0:
+        fused = fused + (1.0 - fusion.alpha) * torch.log_softmax(fusion.gamma * lexical, dim=1)
+    return fused
+
+
+class FusedCloudNet(nn.Module):
+    """The deep classifier and the lexical branch in one graph: logits, deep_logits, lexical_logits.
+
+    Inputs: input_ids, attention_mask (the tokenizer's) and ngram_ids (the lexical featurizer's, 0 = padding).
+    """
 
     def __init__(self, deep: nn.Module, lexical: LexicalModel, fusion: Fusion) -> None:
         super().__init__()
         self.deep = deep
         self.fusion = fusion
-        self.register_buffer("idf", torch.from_numpy(np.asarray(lexical.idf, dtype=np.float32)))
-        self.register_buffer("intercept", torch.from_numpy(np.asarray(lexical.intercept, dtype=np.float32)))
-        self.coef = nn.Embedding.from_pretrained(torch.from_numpy(np.asarray(lexical.coef, dtype=np.float32)))
-        self.widths = list(lexical.widths)
+        self.lexical = LexicalHead(lexical)
+
+    @property
+    def widths(self) -> list[int]:
+        """Width of each block of the lexical ids."""
+        return self.lexical.widths
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ngram_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (fused logits, deep logits, lexical margins), each [n, K]."""
         deep = self.deep(input_ids, attention_mask)
-        ids = ngram_ids.long()
-        blocks, start = [], 0
-        for width in self.widths:  # each block of ids is normalised on its own
-            weights = self.idf[ids[:, start : start + width]]
-            blocks.append(weights / weights.pow(2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12))
-            start += width
-        weights = torch.cat(blocks, dim=1)
-        lexical = torch.bmm(weights.unsqueeze(1), self.coef(ids)).squeeze(1) + self.intercept
-        f = self.fusion
-        fused = f.alpha * torch.log_softmax(deep, dim=1)
-        if f.alpha < 1.0:
-            fused = fused + (1.0 - f.alpha) * torch.log_softmax(f.gamma * lexical, dim=1)
-        return fused, deep, lexical
+        lexical = self.lexical(ngram_ids)
+        return fused_log_probs(deep, lexical, self.fusion), deep, lexical
 
 
 def minilm_tokenizer() -> Tokenizer:

@@ -125,8 +125,9 @@ def train_edge(
     return model, {"best_epoch": best_epoch, "validation_accuracy_torch": round(best_acc, 4), "history": history}
 
 
-def export_edge_onnx(model: EdgeNet, path: Path, max_features: int, opset: int = 17) -> Path:
-    """Single-file ONNX: input ``ids`` int32 [batch, L], output ``logits`` float32 [batch, K]."""
+def export_edge_onnx(model: nn.Module, path: Path, max_features: int, opset: int = 17) -> Path:
+    """Single-file ONNX: input ``ids`` int32 [batch, L], output ``logits`` float32 [batch, K] (an ``EdgeNet``, or
+    an ``edge_lexical.EdgeLexicalNet``, whose ids are several blocks and whose logits are log-probabilities)."""
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.ones((2, max_features), dtype=torch.int32)
