@@ -181,3 +181,42 @@ def test_the_served_int8_form_is_the_most_accurate_within_the_edge_bounds() -> N
     assert served_form({**variants, "dynamic_per_tensor": form(0.769, 0.09)}) == "dynamic_per_channel", "ties: first"
     slow = {name: form(m.validation_accuracy, 9.0) for name, m in variants.items()}
     assert served_form(slow) == "qdq", "none fits: the most accurate"
+
+
+def test_the_interval_aim_holds_the_floor_at_the_lower_end_of_a_fresh_splits_reported_interval() -> None:
+    """Aiming at the true ratio leaves a fresh split's reported interval under the floor about half the time;
+    aiming at the interval clears the floor by that split's noise too."""
+    from training.calibrate import threshold_for_quality_lower_bound
+
+    rng = np.random.default_rng(7)
+    n = 3000
+
+    def draw() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows like a cascade's: the cloud fixes some edge errors, most of them on unsure rows, and misses a few
+        rows the edge gets right."""
+        confidence = rng.random(n)
+        edge_right = rng.random(n) < 0.5 + 0.5 * confidence
+        fixed = ~edge_right & (rng.random(n) < 0.4 * (1 - confidence) ** 2)
+        missed = edge_right & (rng.random(n) < 0.02)
+        return confidence, edge_right, (edge_right | fixed) & ~missed
+
+    confidence, edge_right, cloud_right = draw()
+    ratio = threshold_for_quality_lower_bound(confidence, edge_right, cloud_right, 0.99, seed=1)
+    interval = threshold_for_quality_lower_bound(confidence, edge_right, cloud_right, 0.99, seed=1, aim="interval")
+    assert interval > ratio, "clearing a fresh split's noise too escalates more rows"
+
+    def reported_lower_end(threshold: float) -> float:
+        """The 95% interval's lower end that an evaluation of a fresh split reports for this threshold."""
+        fresh_confidence, fresh_edge, fresh_cloud = draw()
+        cascade = np.where(fresh_confidence < threshold, fresh_cloud, fresh_edge)
+        picks = rng.integers(0, n, (200, n))
+        return float(np.quantile(cascade[picks].mean(axis=1) / fresh_cloud[picks].mean(axis=1), 0.025))
+
+    held = {
+        name: np.mean([reported_lower_end(t) >= 0.99 for _ in range(40)])
+        for name, t in (("ratio", ratio), ("interval", interval))
+    }
+    assert held["interval"] >= 0.85, held
+    assert held["ratio"] < held["interval"], held
+    with pytest.raises(ValueError, match="unknown lower-bound aim"):
+        threshold_for_quality_lower_bound(confidence, edge_right, cloud_right, 0.99, aim="median")

@@ -557,6 +557,7 @@ def calibrate_routing(chosen: EdgeCandidate, val: Catalogue, cloud: CloudStage, 
         extra={"signal_auroc": aurocs},
         agreement=scored.label_index == cloud.validation_logits.argmax(1),
         lower_bound=config.calibrate_at_lower_bound and config.target_escalation is None,
+        lower_bound_aim=config.lower_bound_aim,
     )
     return Calibration(signal=signal, aurocs=aurocs, routing=routing)
 

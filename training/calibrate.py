@@ -19,6 +19,12 @@ logger = logging.getLogger(__name__)
 
 # A confidence never exceeds 1, so a threshold above it escalates every row.
 ESCALATE_ALL = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+# What a quality floor calibrated at a lower bound aims at (threshold_for_quality_lower_bound), as the manifest says it.
+LOWER_BOUND_AIMS = {
+    "ratio": "one-sided 95% lower bound",
+    "interval": "one-sided 95% lower bound less the 95% interval's half-width (the floor at the lower end of the "
+    "interval a fresh split of this size reports)",
+}
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
@@ -143,10 +149,18 @@ def threshold_for_quality_lower_bound(
     resamples: int = 200,
     level: float = 0.95,
     seed: int = 0,
+    aim: str = "ratio",
 ) -> float:
-    """Lowest-escalation threshold whose cascade/cloud accuracy ratio reaches ``target`` at its one-sided
-    ``level`` lower bound over bootstrap resamples of these rows, not only at its point estimate: the floor then
-    holds on unseen rows like these with that confidence."""
+    """Lowest-escalation threshold whose cascade/cloud accuracy ratio reaches ``target`` at a lower bound over
+    bootstrap resamples of these rows, not only at its point estimate.
+
+    ``aim`` says which bound. ``"ratio"``: the ratio's one-sided ``level`` lower bound, so the true ratio on rows
+    like these holds the floor with that confidence. ``"interval"``: that bound less the half-width of the
+    two-sided ``level`` interval, so an evaluation on a fresh split of this size, which reports such an interval,
+    shows the floor at the interval's lower end with that confidence (the ratio must clear the floor by this
+    split's noise and by the fresh split's)."""
+    if aim not in LOWER_BOUND_AIMS:
+        raise ValueError(f"unknown lower-bound aim {aim!r}; expected one of {', '.join(LOWER_BOUND_AIMS)}")
     if not 0.0 < target <= 1.5:
         raise ValueError(f"target quality must be a ratio to cloud accuracy in (0, 1.5], got {target}")
     n = len(confidence)
@@ -163,6 +177,9 @@ def threshold_for_quality_lower_bound(
     ks = np.unique(np.concatenate([[0], np.flatnonzero(np.diff(conf) > 0) + 1, [n]]))
     ratios = (base[:, None] + gains[:, ks]) / np.where(cloud_total > 0, cloud_total, np.nan)[:, None]
     lower = np.nanquantile(ratios, 1.0 - level, axis=0)
+    if aim == "interval":
+        point = (edge.sum() + np.concatenate([[0.0], np.cumsum(cloud - edge)])[ks]) / max(cloud.sum(), 1e-12)
+        lower = lower - (point - np.nanquantile(ratios, (1.0 - level) / 2.0, axis=0))
     meets = np.flatnonzero(lower >= target - 1e-12)
     if len(meets) == 0:
         logger.warning("quality floor %.4f is not reachable at its lower bound on these rows; escalating all", target)
@@ -180,6 +197,7 @@ def routing_from_predictions(
     extra: dict[str, Any] | None = None,
     agreement: np.ndarray | None = None,
     lower_bound: bool = False,
+    lower_bound_aim: str = "ratio",
 ) -> RoutingSpec:
     """Pick the threshold for one target on validation predictions and describe what it achieved.
 
@@ -197,8 +215,10 @@ def routing_from_predictions(
         target = {"kind": "quality", "value": float(target_quality)}
         threshold = point
         if lower_bound:
-            threshold = threshold_for_quality_lower_bound(confidence, edge_right, cloud_right, target_quality)
-            target["aim"] = "one-sided 95% lower bound, 200 bootstrap resamples of the validation rows"
+            threshold = threshold_for_quality_lower_bound(
+                confidence, edge_right, cloud_right, target_quality, aim=lower_bound_aim
+            )
+            target["aim"] = LOWER_BOUND_AIMS[lower_bound_aim] + ", 200 bootstrap resamples of the validation rows"
             target["point_estimate_threshold"] = round(float(point), 6)
             target["point_estimate_escalation"] = round(float(np.mean(np.asarray(confidence) < point)), 4)
     escalate = np.asarray(confidence) < threshold

@@ -87,8 +87,11 @@ class BuildConfig:
     # Perturbed copies of each training row the edge also trains on (training/augment.py: typos, casing, dropped,
     # reordered and abbreviated words, pack sizes), each with its clean row's labels and teacher logits. 0: none.
     edge_augment_copies: int = 0
-    # Calibrate to a quality floor at its lower confidence bound on validation (bootstrap), not its point estimate.
+    # Calibrate to a quality floor at its lower confidence bound on validation (bootstrap), not its point estimate;
+    # the aim (training.calibrate.LOWER_BOUND_AIMS): "ratio", the true ratio holds the floor; "interval", the lower
+    # end of the 95% interval an evaluation on a fresh split of the validation split's size reports holds it.
     calibrate_at_lower_bound: bool = False
+    lower_bound_aim: str = "ratio"
     # Ship a spelling vocabulary of the training rows that both tiers correct queries with (tiergate.spelling).
     spelling_correction: bool = True
     # Each edge candidate also carries the cloud's lexical branch, fused with its MLP in one graph
@@ -122,6 +125,7 @@ def default_config(real_data: bool) -> BuildConfig:
             ),
             edge_augment_copies=1,
             calibrate_at_lower_bound=True,
+            lower_bound_aim="interval",
             edge_lexical=True,
         )
     # On the synthetic demo catalogue edge and cloud tie, so a quality floor would never escalate;
