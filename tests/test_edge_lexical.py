@@ -87,8 +87,8 @@ def lexical_edge_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_build_ships_an_edge_that_carries_the_clouds_branch(lexical_edge_models: Path) -> None:
     manifest = load_manifest(lexical_edge_models)
+    assert manifest.edge.featurizer is not None and manifest.cloud.featurizer is not None
     edge_blocks = manifest.edge.featurizer["blocks"]
-    assert manifest.cloud.featurizer is not None
     assert edge_blocks[1:] == manifest.cloud.featurizer["blocks"]
     assert edge_blocks[0]["n_buckets"] == tiny_config().edge_candidates[0].n_buckets
     training = manifest.edge.metrics["training"]
