@@ -184,8 +184,8 @@ def test_the_served_int8_form_is_the_most_accurate_within_the_edge_bounds() -> N
 
 
 def test_the_interval_aim_holds_the_floor_at_the_lower_end_of_a_fresh_splits_reported_interval() -> None:
-    """Aiming at the true ratio leaves a fresh split's reported interval under the floor about half the time;
-    aiming at the interval clears the floor by that split's noise too."""
+    """Aiming at the true ratio often leaves a fresh split's reported interval under the floor; aiming at the
+    interval clears the floor by that split's noise too."""
     from training.calibrate import threshold_for_quality_lower_bound
 
     rng = np.random.default_rng(7)

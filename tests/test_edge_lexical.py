@@ -13,6 +13,7 @@ pytest.importorskip("torch", reason="the train extra (torch) is needed to build 
 
 from cloud_runtime.model import CloudModel
 from edge_runtime.model import EdgeModel
+from tests.test_lexical import TEXTS, Y
 from tiergate.features import HashedNgramFeaturizer, NgramBlocks
 from tiergate.manifest import load_manifest
 from training.cloud_train import Fusion, fuse
@@ -21,21 +22,6 @@ from training.edge_train import EdgeNet, export_edge_onnx, predict_edge
 from training.lexical import train_lexical
 from training.tiny import build_tiny_models, tiny_config, tiny_examples
 
-TEXTS = [
-    "Organic Whole Milk",
-    "Low Fat Milk",
-    "Chocolate Milk",
-    "Greek Yogurt Plain",
-    "Strawberry Yogurt",
-    "Vanilla Yogurt",
-    "Sourdough Bread",
-    "Whole Wheat Bread",
-    "Rye Bread",
-    "Bananas",
-    "Organic Bananas",
-    "Red Apples",
-]
-Y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
 LABELS = ["milk", "yogurt", "bread", "fruit"]
 
 

@@ -410,8 +410,9 @@ def measure_edge_forms(
 def served_form(variants: dict[str, VariantMeasurement]) -> str:
     """The INT8 form to serve: the best validation accuracy among the forms within the edge's bounds (among all
     when none is). Ties go to the first in INT8_VARIANTS (per-channel), not to the faster form. Which forms fit
-    rests on measured latency, but the bound (2 ms) is far from every form's latency here (about 0.1 ms dynamic,
-    7 ms QDQ on CPU), so builds stay reproducible; a form measuring near the bound could flip between builds."""
+    rests on measured latency, but the bound (2 ms) is far from every form's latency here (about 0.1-0.3 ms
+    dynamic, 7 ms QDQ on CPU), so builds stay reproducible; a form measuring near the bound could flip between
+    builds."""
     fitting = [v for v in INT8_VARIANTS if within_edge_bounds(variants[v].bytes, variants[v].batch1_latency_ms["p50"])]
     return max(fitting or INT8_VARIANTS, key=lambda v: (variants[v].validation_accuracy, -INT8_VARIANTS.index(v)))
 
